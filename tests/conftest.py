@@ -1,0 +1,50 @@
+"""Shared fixtures: the real SmolLM2 folder (built once, cached) and a tiny random llama."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2 = ROOT / ".cache" / "smollm2-135m-instruct"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M-Instruct Hugging Face folder (scripts/fetch_test_model.py)."""
+    if not (SMOLLM2 / "model.safetensors").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_test_model.py"), "--out", str(SMOLLM2)],
+                       check=True)
+    return SMOLLM2
+
+
+def write_tiny_llama(folder: Path, tokenizer_src: Path, **overrides) -> Path:
+    """A tiny random llama with SmolLM2's tokenizer, saved as an HF folder."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    config = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-5,
+                  vocab_size=49152, rope_theta=10000.0, tie_word_embeddings=True,
+                  max_position_embeddings=2048)
+    config.update(overrides)
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer_src / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(smollm2_path, tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", smollm2_path)

@@ -1,0 +1,58 @@
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models import base
+from mlx_lm.models.rope_utils import initialize_rope
+
+from velox.convert.capture import capture, inverse_rope, rope_matrices
+from velox.runtime import attention
+
+ROPES = {
+    "default": dict(dims=64, base=10000.0, traditional=False, scaling_config=None),
+    "traditional": dict(dims=64, base=10000.0, traditional=True, scaling_config=None),
+    "partial": dict(dims=32, base=10000.0, traditional=False, scaling_config=None),
+    "llama3": dict(dims=64, base=500000.0, traditional=False,
+                   scaling_config={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "yarn": dict(dims=64, base=10000.0, traditional=False,
+                 scaling_config={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ROPES))
+def test_inverse_rope_round_trip(kind):
+    cfg = ROPES[kind]
+    rope = initialize_rope(cfg["dims"], cfg["base"], cfg["traditional"], cfg["scaling_config"], 131072)
+    L, H, D = 40, 3, 64
+    pre = mx.random.normal((1, H, L, D), key=mx.random.key(0))
+    post = rope(pre)
+    mats = rope_matrices(rope, L, D)
+    back = inverse_rope(np.array(post[0]).transpose(1, 0, 2), np.linalg.inv(mats))
+    assert np.allclose(back, np.array(pre[0]).transpose(1, 0, 2), atol=1e-4)
+
+
+def test_capture_records_every_layer_and_restores_attention(tiny_llama):
+    import mlx_lm
+
+    model, tok = mlx_lm.load(str(tiny_llama))
+    seqs = np.random.default_rng(0).integers(0, 1000, (3, 32))
+    acts = capture(model, seqs, max_position=2048, progress=False)
+    assert len(acts) == 2
+    a = acts[1]
+    assert a.keys.shape == (96, 2, 64) and a.values.shape == (96, 2, 64)
+    assert a.queries.shape == (96, 4, 64)
+    assert a.positions.tolist() == list(range(32)) * 3
+    # the keys at random positions keep each key's norm (RoPE is a rotation)
+    assert np.allclose(np.linalg.norm(a.keys_any_position.astype(np.float32), axis=-1),
+                       np.linalg.norm(a.keys.astype(np.float32), axis=-1), rtol=5e-3)
+    assert base.scaled_dot_product_attention is attention._ORIGINAL
+
+
+def test_attention_install_is_idempotent_and_removable():
+    import mlx_lm.models.llama as llama
+
+    attention.install()
+    attention.install()
+    assert llama.scaled_dot_product_attention is attention.dispatch_attention
+    attention.uninstall()
+    assert llama.scaled_dot_product_attention is attention._ORIGINAL

@@ -1,0 +1,87 @@
+"""The ``kv_quant`` section of config.json (format v1): constants and validation.
+
+Folders come from strangers on the Hub, so everything read from one is checked
+here before use and every problem raises ``VeloxFormatError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+ARTIFACT_FILE = "kv_quant.safetensors"
+MAX_BITS = 8
+
+
+class VeloxFormatError(ValueError):
+    """A model folder's kv_quant section or artifact is missing, corrupt or inconsistent."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise VeloxFormatError(f"kv_quant: {msg}")
+
+
+def validate_kv_quant(kvq: Any, num_layers: int, known_methods: set[str]) -> dict:
+    """Check a kv_quant section against the model; returns it unchanged.
+
+    num_layers: the model's transformer layer count. Raises VeloxFormatError.
+    """
+    _require(isinstance(kvq, dict), "must be a JSON object")
+    version = kvq.get("format_version")
+    _require(isinstance(version, int), "format_version must be an integer")
+    _require(version <= FORMAT_VERSION,
+             f"format_version {version} is newer than this velox supports ({FORMAT_VERSION}); upgrade velox")
+    methods = kvq.get("methods")
+    _require(isinstance(methods, dict) and methods, "methods must be a non-empty object")
+    default = kvq.get("default_method")
+    _require(default in methods, f"default_method {default!r} is not one of methods {sorted(methods)}")
+    for name, entry in methods.items():
+        _require(name in known_methods,
+                 f"unknown method {name!r} (this velox knows {', '.join(sorted(known_methods))})")
+        _require(isinstance(entry, dict), f"methods.{name} must be an object")
+        layers = entry.get("layers")
+        _require(isinstance(layers, list) and len(layers) == num_layers,
+                 f"methods.{name}.layers must list all {num_layers} layers of the model "
+                 f"(found {len(layers) if isinstance(layers, list) else type(layers).__name__})")
+        for i, layer in enumerate(layers):
+            where = f"methods.{name}.layers[{i}]"
+            _require(isinstance(layer, dict) and layer.get("layer") == i, f"{where} must be an object with layer={i}")
+            if layer.get("cache") == "native":
+                continue
+            for key in ("key_bits", "value_bits"):
+                b = layer.get(key)
+                _require(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= MAX_BITS,
+                         f"{where}.{key} must be an integer in 1..{MAX_BITS}, got {b!r}")
+    artifacts = kvq.get("artifacts")
+    _require(isinstance(artifacts, list), "artifacts must be a list")
+    for i, art in enumerate(artifacts):
+        _require(isinstance(art, dict) and art.get("file") == ARTIFACT_FILE
+                 and isinstance(art.get("sha256"), str),
+                 f"artifacts[{i}] must be {{file: {ARTIFACT_FILE!r}, sha256: hex}}")
+    return kvq
+
+
+def check_artifacts(folder: Path, kvq: dict) -> None:
+    """Every listed artifact exists in ``folder`` with the recorded sha256."""
+    for art in kvq["artifacts"]:
+        path = Path(folder) / art["file"]
+        if not path.is_file():
+            raise VeloxFormatError(f"kv_quant artifact missing: {path}")
+        digest = sha256_file(path)
+        if digest != art["sha256"]:
+            raise VeloxFormatError(
+                f"kv_quant artifact {art['file']} sha256 mismatch: config says {art['sha256'][:12]}…, "
+                f"file has {digest[:12]}…"
+            )

@@ -1,0 +1,30 @@
+"""Quantization methods, one module each: calibration, codecs, defaults.
+
+Every method module provides ``calibrate(acts, spec) -> {name: array}``,
+``make_codecs(tensors, spec) -> (key_codec, value_codec)``, ``DEFAULT_KEY_BITS``,
+``DEFAULT_VALUE_BITS`` and ``SUPPORTED_BITS``. A codec has
+``encode(x [B, H, L, D]) -> parts`` and ``decode(*parts) -> x̂``.
+"""
+
+from types import ModuleType
+
+from . import spectral, turboquant_mse
+from .base import LayerActivations, LayerSpec
+
+METHODS: dict[str, ModuleType] = {
+    "spectral": spectral,
+    "turboquant_mse": turboquant_mse,
+}
+
+
+def get_method(name: str) -> ModuleType:
+    """The module implementing ``name``; a clear error lists what exists."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown KV method {name!r}; available: {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+__all__ = ["METHODS", "get_method", "LayerActivations", "LayerSpec"]

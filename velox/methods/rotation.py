@@ -1,0 +1,24 @@
+"""Orthogonal rotations shared by the methods."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+
+def randomized_hadamard(dim: int, seed: int) -> mx.array:
+    """[D, D] orthogonal matrix R with y = x @ R = H·diag(s)·x / √D (random signs s).
+
+    Built with ``mx.hadamard_transform`` where MLX supports the size (m·2^k, m in
+    1, 12, 20, 28); other sizes fall back to a random orthogonal matrix (QR).
+    """
+    rng = np.random.default_rng(seed)
+    signs = rng.choice([-1.0, 1.0], size=dim).astype(np.float32)
+    try:
+        # Row i of the result is the transform of signs[i]·e_i, i.e. R[i] = s_i·H[i]/√D.
+        rot = mx.hadamard_transform(mx.array(np.diag(signs)), scale=dim**-0.5)
+        mx.eval(rot)
+        return rot
+    except ValueError:
+        q, r = np.linalg.qr(rng.standard_normal((dim, dim)))
+        return mx.array((q * np.sign(np.diag(r))).astype(np.float32))

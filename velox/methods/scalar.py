@@ -1,0 +1,221 @@
+"""Rotated scalar quantization: the encoder/decoder shared by turboquant_mse and spectral.
+
+A vector x (one key or value of one KV head) is centred (optional per-head mean),
+split into its norm and direction u = x/‖x‖, rotated (y = u·R, R orthogonal),
+standardised per coordinate, and each coordinate is rounded to the nearest level of
+its own scalar codebook. Codes are bit-packed into uint32 words with a per-head,
+per-coordinate bit width, so a cache holds ``words [B, H, S, W]`` and ``norms [B, H, S]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import mlx.core as mx
+import numpy as np
+
+MAX_BITS = 8
+
+
+# ---------------------------------------------------------------- codebooks
+
+
+def lloyd_max(grid: np.ndarray, weight: np.ndarray, bits: int, iters: int = 200) -> np.ndarray:
+    """Lloyd-Max levels for a 1-D density sampled on ``grid`` (weights sum to anything).
+
+    Returns ``2**bits`` sorted levels minimising the expected squared error.
+    """
+    k = 1 << bits
+    cdf = np.cumsum(weight) / weight.sum()
+    levels = np.interp((np.arange(k) + 0.5) / k, cdf, grid)  # quantile init
+    for _ in range(iters):
+        edges = (levels[1:] + levels[:-1]) / 2
+        cell = np.searchsorted(edges, grid)
+        mass = np.bincount(cell, weight, minlength=k)
+        moment = np.bincount(cell, weight * grid, minlength=k)
+        new = np.where(mass > 0, moment / np.maximum(mass, 1e-300), levels)
+        if np.max(np.abs(new - levels)) < 1e-10:
+            levels = new
+            break
+        levels = new
+    return levels
+
+
+@lru_cache(maxsize=None)
+def sphere_levels(bits: int, dim: int) -> tuple[float, ...]:
+    """Lloyd-Max levels for one coordinate of a random unit vector scaled by sqrt(dim).
+
+    That coordinate t has density ∝ (1 − t²/dim)^((dim−3)/2) on (−√dim, √dim)
+    (close to N(0, 1) for large dim): TurboQuant's data-free codebook.
+    """
+    if bits == 0:
+        return (0.0,)
+    lim = math.sqrt(dim)
+    grid = np.linspace(-lim, lim, 200_001)[1:-1]
+    weight = np.power(np.clip(1.0 - grid**2 / dim, 0.0, None), (dim - 3) / 2)
+    return tuple(lloyd_max(grid, weight, bits).tolist())
+
+
+@lru_cache(maxsize=None)
+def gaussian_distortion(bits: int) -> float:
+    """Mean squared error of the Lloyd-Max quantizer of N(0, 1) at ``bits`` bits."""
+    if bits == 0:
+        return 1.0
+    if bits > 6:  # high-rate regime: each bit divides the error by 4
+        return gaussian_distortion(6) * 4.0 ** (6 - bits)
+    grid = np.linspace(-8, 8, 160_001)
+    weight = np.exp(-grid**2 / 2)
+    levels = lloyd_max(grid, weight, bits)
+    err = (grid[:, None] - levels[None]) ** 2
+    return float((err.min(axis=1) * weight).sum() / weight.sum())
+
+
+def fit_levels(samples: np.ndarray, bits: int, init: np.ndarray | None = None,
+               iters: int = 50) -> np.ndarray:
+    """1-D k-means (Lloyd) on data: ``2**bits`` sorted levels for ``samples [N]``."""
+    k = 1 << bits
+    x = np.sort(samples.astype(np.float64))
+    if init is None:
+        init = np.quantile(x, (np.arange(k) + 0.5) / k)
+    levels = np.sort(np.asarray(init, dtype=np.float64))
+    csum = np.concatenate([[0.0], np.cumsum(x)])
+    for _ in range(iters):
+        edges = (levels[1:] + levels[:-1]) / 2
+        cut = np.concatenate([[0], np.searchsorted(x, edges), [len(x)]])
+        count = np.diff(cut)
+        total = csum[cut[1:]] - csum[cut[:-1]]
+        new = np.where(count > 0, total / np.maximum(count, 1), levels)
+        new = np.sort(new)
+        if np.max(np.abs(new - levels)) < 1e-7:
+            levels = new
+            break
+        levels = new
+    return levels
+
+
+# ---------------------------------------------------------------- bit packing
+
+
+@dataclass(frozen=True)
+class PackLayout:
+    """Where each coordinate's code lives in a vector's uint32 words.
+
+    All arrays are ``[H, D]``: a head may spread its bits differently.
+    """
+
+    words: int
+    word: mx.array      # index of the word holding the code's low bits
+    shift: mx.array     # bit offset inside that word
+    mask: mx.array      # (1 << bits) − 1
+    straddle: mx.array  # bool: the code continues into the next word
+
+    @classmethod
+    def from_bits(cls, bits: np.ndarray) -> "PackLayout":
+        bits = np.asarray(bits, dtype=np.int64)
+        ends = np.cumsum(bits, axis=-1)
+        starts = ends - bits
+        words = max(1, int(math.ceil(ends[:, -1].max() / 32)))
+        word = starts // 32
+        shift = starts % 32
+        straddle = (shift + bits > 32)
+        return cls(
+            words=words,
+            word=mx.array(word.astype(np.uint32)),
+            shift=mx.array(shift.astype(np.uint32)),
+            mask=mx.array(((1 << bits) - 1).astype(np.uint32)),
+            straddle=mx.array(straddle),
+        )
+
+
+def pack(codes: mx.array, layout: PackLayout) -> mx.array:
+    """codes [B, H, L, D] uint32 -> words [B, H, L, W] uint32."""
+    shift = layout.shift[:, None, :]
+    straddle = layout.straddle[:, None, :]
+    word = layout.word[:, None, :]
+    zero = mx.zeros_like(codes)
+    lo = mx.left_shift(codes, shift)
+    # Shifting by 32 is undefined, so guard the high part with the straddle flag.
+    hi = mx.where(straddle, mx.right_shift(codes, mx.where(straddle, 32 - shift, 0)), zero)
+    out = []
+    for w in range(layout.words):
+        part = mx.where(word == w, lo, zero) + mx.where(word + 1 == w, hi, zero)
+        out.append(mx.sum(part, axis=-1))  # bits are disjoint, so sum == or
+    return mx.stack(out, axis=-1).astype(mx.uint32)
+
+
+def unpack(words: mx.array, layout: PackLayout) -> mx.array:
+    """words [B, H, L, W] uint32 -> codes [B, H, L, D] uint32."""
+    B, H, L, _ = words.shape
+    D = layout.word.shape[-1]
+    shape = (B, H, L, D)
+    idx = mx.broadcast_to(layout.word[:, None, :], shape)
+    nxt = mx.minimum(idx + 1, layout.words - 1)
+    lo = mx.take_along_axis(words, idx, axis=-1)
+    hi = mx.take_along_axis(words, nxt, axis=-1)
+    shift = layout.shift[:, None, :]
+    straddle = layout.straddle[:, None, :]
+    codes = mx.right_shift(lo, shift)
+    codes = codes | mx.where(straddle, mx.left_shift(hi, mx.where(straddle, 32 - shift, 0)), 0)
+    return codes & layout.mask[:, None, :]
+
+
+# ---------------------------------------------------------------- the codec
+
+
+@dataclass
+class ScalarCodec:
+    """Encoder/decoder for one of K or V of one layer.
+
+    rotation [H, D, D] invertible (y = u @ rotation; orthogonal unless ``inverse``
+    is given); mean [H, D] or None;
+    scale [H, D] (coordinate std in y units); levels [H, D, K] sorted standardised
+    levels (padded by repeating the last); bits [H, D].
+    """
+
+    rotation: mx.array
+    scale: mx.array
+    levels: mx.array
+    bits: np.ndarray
+    mean: mx.array | None = None
+    inverse: mx.array | None = None
+
+    def __post_init__(self):
+        H, D, K = self.levels.shape
+        self.layout = PackLayout.from_bits(self.bits)
+        if self.inverse is None:
+            self.inverse = mx.swapaxes(self.rotation, -1, -2)
+        mids = (self.levels[..., 1:] + self.levels[..., :-1]) / 2
+        # Padded levels repeat, so their midpoints equal a level: push them out of reach.
+        pad = mx.arange(1, K)[None, None, :] >= mx.array(1 << self.bits.astype(np.int64))[..., None]
+        self.boundaries = mx.where(pad, mx.inf, mids)
+        base = (mx.arange(H)[:, None] * D + mx.arange(D)[None, :]) * K
+        self.flat_base = base.astype(mx.uint32)[:, None, :]
+        self.flat_levels = self.levels.reshape(-1)
+
+    @property
+    def bits_per_vector(self) -> int:
+        """Code bits per vector (excluding the fp16 norm), the same for every head."""
+        return int(self.bits.sum(axis=-1).max())
+
+    def encode(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """x [B, H, L, D] -> (words [B, H, L, W] uint32, norms [B, H, L] float16)."""
+        x = x.astype(mx.float32)
+        if self.mean is not None:
+            x = x - self.mean[:, None, :]
+        y = x @ self.rotation
+        # The norm is taken after the transform: for an orthogonal one it is ‖x‖.
+        norm = mx.sqrt(mx.sum(y * y, axis=-1, keepdims=True))
+        y = y / mx.maximum(norm, 1e-20) / self.scale[:, None, :]
+        codes = mx.sum(y[..., None] > self.boundaries[:, None], axis=-1).astype(mx.uint32)
+        return pack(codes, self.layout), norm[..., 0].astype(mx.float16)
+
+    def decode(self, words: mx.array, norms: mx.array) -> mx.array:
+        """(words [B, H, L, W], norms [B, H, L]) -> x̂ [B, H, L, D] float32."""
+        codes = unpack(words, self.layout)
+        y = mx.take(self.flat_levels, self.flat_base + codes) * self.scale[:, None, :]
+        x = (y @ self.inverse) * norms[..., None].astype(mx.float32)
+        if self.mean is not None:
+            x = x + self.mean[:, None, :]
+        return x

@@ -1,0 +1,45 @@
+"""turboquant_mse: data-free rotated scalar quantization (TurboQuant, arXiv 2504.19874).
+
+Each key/value vector keeps its norm (fp16); its direction is rotated by a
+randomized Hadamard transform, after which every coordinate follows the same known
+distribution, so one Lloyd-Max codebook (``scalar.sphere_levels``) serves them all.
+Nothing is calibrated: the rotation is rebuilt from the stored seed.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from .base import LayerActivations, LayerSpec
+from .rotation import randomized_hadamard
+from .scalar import ScalarCodec, sphere_levels
+
+DEFAULT_KEY_BITS = 4
+DEFAULT_VALUE_BITS = 4
+SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 8)
+
+
+def make_codec(num_heads: int, head_dim: int, bits: int, seed: int) -> ScalarCodec:
+    """Codec for [B, num_heads, L, head_dim] tensors at ``bits`` bits per element."""
+    rot = randomized_hadamard(head_dim, seed)
+    levels = mx.array(np.array(sphere_levels(bits, head_dim), dtype=np.float32))
+    H, D, K = num_heads, head_dim, 1 << bits
+    return ScalarCodec(
+        rotation=mx.broadcast_to(rot, (H, D, D)),
+        scale=mx.full((H, D), 1.0 / np.sqrt(D), dtype=mx.float32),
+        levels=mx.broadcast_to(levels, (H, D, K)),
+        bits=np.full((H, D), bits),
+    )
+
+
+def calibrate(acts: LayerActivations, spec: LayerSpec) -> dict[str, mx.array]:
+    """No data needed: nothing to store."""
+    return {}
+
+
+def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[ScalarCodec, ScalarCodec]:
+    """(key codec, value codec) for one layer; K and V get different rotations."""
+    H, D = spec.num_kv_heads, spec.head_dim
+    seed = spec.seed * 1000 + spec.layer * 2
+    return make_codec(H, D, spec.key_bits, seed), make_codec(H, D, spec.value_bits, seed + 1)

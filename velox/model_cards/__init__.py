@@ -1,0 +1,39 @@
+"""Model card (README.md) rendering for converted folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from string import Template
+
+TEMPLATE = Path(__file__).with_name("template.md")
+VELOX_URL = "https://pypi.org/project/velox/"
+
+
+def render_card(kvq: dict, base_model: str, name: str, repo: str | None = None,
+                quality_md: str = "") -> str:
+    """README.md text for a folder whose config.json carries ``kvq``."""
+    methods = kvq["methods"]
+    rows = "\n".join(
+        f"| `{m}` | {e['key_bits']} | {e['value_bits']} | {e.get('fit_seconds', 0):.1f} |"
+        for m, e in methods.items()
+    )
+    cal = kvq.get("calibration", {})
+    calibration = (
+        f"Calibrated on {cal.get('tokens', '?')} tokens of `{cal.get('corpus', '?')}` "
+        f"(sha256 `{str(cal.get('sha256', ''))[:16]}…`) in sequences of {cal.get('seq_len', '?')}, "
+        f"seed {cal.get('seed', '?')}; capture took {cal.get('capture_seconds', 0):.1f} s."
+    )
+    tags = ["mlx", "velox", "kv-cache-quantization", *methods]
+    return Template(TEMPLATE.read_text()).substitute(
+        base_model=base_model,
+        tags="\n".join(f"- {t}" for t in tags),
+        name=name,
+        velox_url=VELOX_URL,
+        velox_version=kvq["velox_version"],
+        methods_table=rows,
+        default_method=kvq["default_method"],
+        calibration=calibration,
+        repo=repo or name,
+        quality=quality_md,
+        format_version=kvq["format_version"],
+    )

@@ -1,0 +1,117 @@
+"""velox.load: an mlx_lm model whose caches are the folder's compressed KV caches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+from mlx_lm.utils import load as mlx_lm_load
+
+from ..format import ARTIFACT_FILE, VeloxFormatError, check_artifacts, validate_kv_quant
+from ..methods import METHODS, LayerSpec, get_method
+from .cache import VeloxKVCache
+
+
+def resolve_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
+    """A local folder as is; a Hub repo id downloaded with kv_quant.safetensors included."""
+    path = Path(path_or_repo)
+    if path.exists():
+        return path
+    from huggingface_hub import snapshot_download
+
+    patterns = DEFAULT_ALLOW_PATTERNS + [ARTIFACT_FILE, "README.md"]
+    return Path(snapshot_download(str(path_or_repo), revision=revision, allow_patterns=patterns))
+
+
+def read_kv_quant(folder: Path) -> dict:
+    """The raw kv_quant section of ``folder/config.json`` (not yet validated)."""
+    config_path = Path(folder) / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise VeloxFormatError(f"no config.json in {folder}") from None
+    except json.JSONDecodeError as e:
+        raise VeloxFormatError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or "kv_quant" not in config:
+        raise VeloxFormatError(f"{config_path} has no kv_quant section: convert the model with velox-convert first")
+    return config["kv_quant"]
+
+
+def layer_specs(kvq: dict, method: str) -> list[Optional[LayerSpec]]:
+    """One LayerSpec per layer for ``method`` (None where the native cache stays)."""
+    model_info = kvq.get("model", {})
+    seed = int(kvq.get("calibration", {}).get("seed", 0))
+    specs = []
+    for entry in kvq["methods"][method]["layers"]:
+        if entry.get("cache") == "native":
+            specs.append(None)
+            continue
+        specs.append(LayerSpec(layer=entry["layer"], num_kv_heads=int(model_info["num_kv_heads"]),
+                               head_dim=int(model_info["head_dim"]), key_bits=entry["key_bits"],
+                               value_bits=entry["value_bits"], seed=seed))
+    return specs
+
+
+def build_codecs(kvq: dict, method: str, tensors: dict[str, mx.array]) -> list[Optional[tuple]]:
+    """(key codec, value codec) per layer, from the folder's artifact tensors."""
+    module = get_method(method)
+    codecs = []
+    for spec in layer_specs(kvq, method):
+        if spec is None:
+            codecs.append(None)
+            continue
+        prefix = f"{method}.layers.{spec.layer}."
+        mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            codecs.append(module.make_codecs(mine, spec))
+        except KeyError as e:
+            raise VeloxFormatError(f"{ARTIFACT_FILE}: missing tensor {prefix}{e.args[0]}") from None
+    return codecs
+
+
+def install_kv_caches(model, folder: Path, kvq: dict, method: Optional[str] = None) -> str:
+    """Replace ``model.make_cache`` so plain KVCache layers get VeloxKVCache. Returns the method."""
+    method = method or kvq["default_method"]
+    if method not in kvq["methods"]:
+        raise ValueError(f"method {method!r} was not calibrated into this folder; it has: "
+                         f"{', '.join(kvq['methods'])}")
+    check_artifacts(folder, kvq)
+    path = Path(folder) / ARTIFACT_FILE
+    tensors = mx.load(str(path)) if path.exists() else {}
+    codecs = build_codecs(kvq, method, tensors)
+    # Keep the model's own factory across repeated installs (another method, another folder).
+    if not hasattr(model, "_velox_native_make_cache"):
+        model._velox_native_make_cache = getattr(model, "make_cache", None)
+    native_make_cache = model._velox_native_make_cache
+
+    def make_cache() -> list[Any]:
+        native = native_make_cache() if native_make_cache else [KVCache() for _ in model.layers]
+        return [VeloxKVCache(*c, method=method) if c is not None and type(n) is KVCache else n
+                for c, n in zip(codecs, native)]
+
+    model.make_cache = make_cache
+    return method
+
+
+def load(path_or_repo: str, kv: Optional[str] = None, revision: Optional[str] = None,
+         **kwargs) -> tuple[Any, Any]:
+    """Load a velox folder (or Hub repo) -> (model, tokenizer) with compressed KV caches.
+
+    kv: which calibrated method to use (default: the folder's default_method).
+    Other keyword arguments go to ``mlx_lm.load``.
+    """
+    folder = resolve_path(path_or_repo, revision)
+    kvq = read_kv_quant(folder)
+    model, tokenizer = mlx_lm_load(str(folder), **kwargs)
+    validate_kv_quant(kvq, len(model.layers), set(METHODS))
+    install_kv_caches(model, folder, kvq, kv)
+    return model, tokenizer
+
+
+def cache_bytes(cache: list[Any]) -> int:
+    """Bytes held by a prompt cache's arrays."""
+    return sum(c.nbytes for c in cache)
