@@ -38,6 +38,7 @@ def test_folder_contents_and_kv_quant(converted, tiny_llama):
     assert kvq["artifacts"][0]["sha256"] == sha256_file(converted / "kv_quant.safetensors")
     tensors = mx.load(str(converted / "kv_quant.safetensors"))
     assert tensors["spectral.layers.0.keys.basis"].shape == (2, 64, 64)
+    assert not any(".values." in k for k in tensors)  # values are coded data-free
     assert not any(k.startswith("turboquant_mse") for k in tensors)  # data-free
     card = ModelCard.load(converted / "README.md")
     assert card.data.library_name == "mlx"

@@ -92,6 +92,7 @@ def test_spectral_calibrate_and_codecs_round_trip():
                             positions=np.tile(np.arange(512), 2))
     spec = LayerSpec(layer=0, num_kv_heads=2, head_dim=64, key_bits=4, value_bits=2)
     tensors = spectral.calibrate(acts, spec)
+    assert sorted(tensors) == [f"keys.{p}" for p in sorted(spectral.PARTS)]
     kc, vc = spectral.make_codecs(tensors, spec)
     assert kc.bits_per_vector == 256 and vc.bits_per_vector == 128
 

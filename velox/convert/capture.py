@@ -98,7 +98,7 @@ def capture(model, sequences: np.ndarray, max_position: int = 8192, seed: int = 
     plain = plain_layers(model)
     n_seq, L = sequences.shape
     layers = model.layers
-    store = [dict(keys=[], pre=[], anypos=[], values=[], queries=[], qcov=0.0, qn=0) if p else None for p in plain]
+    store = [dict(keys=[], pre=[], anypos=[], values=[], queries=[]) if p else None for p in plain]
     rng = np.random.default_rng(seed)
     rope_inv: list[np.ndarray | None] = [None] * len(layers)
     attention.install()
@@ -122,13 +122,7 @@ def capture(model, sequences: np.ndarray, max_position: int = 8192, seed: int = 
                 st["pre"].append(pre.astype(np.float16))
                 st["anypos"].append(rope_at_random_positions(rope, pre, max_position, rng).astype(np.float16))
                 st["values"].append(np.array(c.values[0][0].astype(mx.float32)).transpose(1, 0, 2).astype(np.float16))
-                q = np.array(c.queries[0][0].astype(mx.float32)).transpose(1, 0, 2)  # [L, Hq, D]
-                st["queries"].append(q.astype(np.float16))
-                q_any = rope_at_random_positions(rope, inverse_rope(q, rope_inv[i]), max_position, rng)
-                Hk = k.shape[1]
-                q_any = q_any.reshape(L, Hk, -1, q.shape[-1]).astype(np.float64)
-                st["qcov"] = st["qcov"] + np.einsum("lhrd,lhre->hde", q_any, q_any)
-                st["qn"] += L * q_any.shape[2]
+                st["queries"].append(np.array(c.queries[0][0].astype(mx.float32)).transpose(1, 0, 2).astype(np.float16))
     finally:
         attention.uninstall()
     positions = np.tile(np.arange(L), n_seq)
@@ -141,7 +135,7 @@ def capture(model, sequences: np.ndarray, max_position: int = 8192, seed: int = 
             keys=np.concatenate(st["keys"]), keys_pre_rope=np.concatenate(st["pre"]),
             keys_any_position=np.concatenate(st["anypos"]),
             values=np.concatenate(st["values"]), queries=np.concatenate(st["queries"]),
-            positions=positions, query_cov=st["qcov"] / st["qn"],
+            positions=positions,
         )
         bad = [n for n in ("keys", "values", "queries") if not np.isfinite(getattr(acts, n)).all()]
         if bad:

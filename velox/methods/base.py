@@ -14,9 +14,7 @@ class LayerActivations:
     keys [N, H_kv, D] after RoPE (what caches receive); keys_pre_rope [N, H_kv, D];
     keys_any_position [N, H_kv, D]: the same keys with RoPE re-applied at random
     positions over the model's whole context (calibration seqs only span seq_len);
-    values [N, H_kv, D]; queries [N, H_q, D] after RoPE; positions [N];
-    query_cov [H_kv, D, D]: E[q qᵀ] over each KV group's query heads, with RoPE at
-    random positions like keys_any_position.
+    values [N, H_kv, D]; queries [N, H_q, D] after RoPE; positions [N].
     """
 
     keys: np.ndarray
@@ -25,7 +23,6 @@ class LayerActivations:
     values: np.ndarray
     queries: np.ndarray
     positions: np.ndarray
-    query_cov: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -168,8 +168,7 @@ def unpack(words: mx.array, layout: PackLayout) -> mx.array:
 class ScalarCodec:
     """Encoder/decoder for one of K or V of one layer.
 
-    rotation [H, D, D] invertible (y = u @ rotation; orthogonal unless ``inverse``
-    is given); mean [H, D] or None;
+    rotation [H, D, D] orthogonal (y = u @ rotation); mean [H, D] or None;
     scale [H, D] (coordinate std in y units); levels [H, D, K] sorted standardised
     levels (padded by repeating the last); bits [H, D].
     """
@@ -179,13 +178,11 @@ class ScalarCodec:
     levels: mx.array
     bits: np.ndarray
     mean: mx.array | None = None
-    inverse: mx.array | None = None
 
     def __post_init__(self):
         H, D, K = self.levels.shape
         self.layout = PackLayout.from_bits(self.bits)
-        if self.inverse is None:
-            self.inverse = mx.swapaxes(self.rotation, -1, -2)
+        self.rotation_t = mx.swapaxes(self.rotation, -1, -2)
         mids = (self.levels[..., 1:] + self.levels[..., :-1]) / 2
         # Padded levels repeat, so their midpoints equal a level: push them out of reach.
         pad = mx.arange(1, K)[None, None, :] >= mx.array(1 << self.bits.astype(np.int64))[..., None]
@@ -204,10 +201,8 @@ class ScalarCodec:
         x = x.astype(mx.float32)
         if self.mean is not None:
             x = x - self.mean[:, None, :]
-        y = x @ self.rotation
-        # The norm is taken after the transform: for an orthogonal one it is ‖x‖.
-        norm = mx.sqrt(mx.sum(y * y, axis=-1, keepdims=True))
-        y = y / mx.maximum(norm, 1e-20) / self.scale[:, None, :]
+        norm = mx.sqrt(mx.sum(x * x, axis=-1, keepdims=True))
+        y = (x / mx.maximum(norm, 1e-20)) @ self.rotation / self.scale[:, None, :]
         codes = mx.sum(y[..., None] > self.boundaries[:, None], axis=-1).astype(mx.uint32)
         return pack(codes, self.layout), norm[..., 0].astype(mx.float16)
 
@@ -215,7 +210,7 @@ class ScalarCodec:
         """(words [B, H, L, W], norms [B, H, L]) -> x̂ [B, H, L, D] float32."""
         codes = unpack(words, self.layout)
         y = mx.take(self.flat_levels, self.flat_base + codes) * self.scale[:, None, :]
-        x = (y @ self.inverse) * norms[..., None].astype(mx.float32)
+        x = (y @ self.rotation_t) * norms[..., None].astype(mx.float32)
         if self.mean is not None:
             x = x + self.mean[:, None, :]
         return x

@@ -1,16 +1,20 @@
 """spectral: calibrated eigenbasis rotation with water-filled bits per direction.
 
-Per (layer, KV head) and separately for keys and values: centre by the calibration
-mean, normalise each vector (its norm is kept in fp16), rotate into the eigenbasis of
-the calibration directions, give each eigen-direction a bit width by greedy reverse
-water-filling on its variance (more bits where the variance is), and fit one scalar
-codebook per group of directions sharing a bit width on the standardised data.
+Keys, per (layer, KV head): centre by the calibration mean, normalise each vector
+(its norm is kept in fp16), rotate into the eigenbasis of the calibration
+directions, give each eigen-direction a bit width by greedy reverse water-filling
+on its variance (more bits where the variance is), and fit one scalar codebook per
+group of directions sharing a bit width on the standardised data.
 
-Keys are calibrated at random positions over the whole context (RoPE re-applied
-to the pre-RoPE keys) so the basis holds wherever a key lands.
-Statistics are weighted by the attention each calibration token receives (its
-square root): attention-sink tokens are rare but carry most of the attention, and
-an unweighted eigenbasis leaves their directions with no bits at all.
+Two choices were measured on SmolLM2 (docs/BENCHMARKS.md):
+- keys are calibrated at random positions over the whole context (RoPE re-applied
+  to the pre-RoPE keys): a basis fitted on positions < seq_len starves the
+  directions that later positions rotate into (4-bit ΔPPL 23% -> 3%);
+- statistics are weighted by the square root of the attention each calibration
+  token receives, so rare attention-sink tokens keep bits (ΔPPL 39% -> 3%).
+Values are coded with turboquant_mse's data-free rotation: an eigenbasis measured
+worse for them (3-bit values alone: +3.3% ΔPPL vs +1.3%), because the error that
+matters is the output's, not the values' variance.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from . import turboquant_mse
 from .base import LayerActivations, LayerSpec, attention_mass
 from .scalar import MAX_BITS, ScalarCodec, fit_levels, gaussian_distortion, sphere_levels
 
@@ -26,7 +31,6 @@ DEFAULT_VALUE_BITS = 4
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6)
 PARTS = ("mean", "basis", "scale", "bits", "levels")
 WEIGHT_POWER = 0.5
-USE_QUERY_METRIC = True
 
 
 def allocate_bits(variances: np.ndarray, total_bits: int, max_bits: int = MAX_BITS) -> np.ndarray:
@@ -43,28 +47,12 @@ def allocate_bits(variances: np.ndarray, total_bits: int, max_bits: int = MAX_BI
     return bits
 
 
-QUERY_METRIC_RIDGE = 0.01
-
-
-def query_metric(query_cov: np.ndarray, ridge: float = QUERY_METRIC_RIDGE) -> np.ndarray:
-    """Σ_q^{1/2} (with a ridge of ``ridge``·mean eigenvalue): [D, D] -> [D, D] symmetric.
-
-    Coding M·k instead of k makes squared error equal the error of the attention
-    logit q·k on average over queries: directions that queries ignore get no bits.
-    """
-    D = query_cov.shape[-1]
-    cov = query_cov + ridge * np.trace(query_cov) / D * np.eye(D)
-    w, U = np.linalg.eigh(cov)
-    return (U * np.sqrt(np.maximum(w, 1e-12))) @ U.T
-
-
 def fit_head(x: np.ndarray, bits: int, weights: np.ndarray | None = None,
-             seed: int = 0, metric: np.ndarray | None = None) -> dict[str, np.ndarray]:
+             seed: int = 0) -> dict[str, np.ndarray]:
     """Calibrate one head.
 
-    x [N, D]; weights [N] (importance of each token, default uniform); metric [D, D]
-    (code x @ metric, e.g. ``query_metric``) -> mean [D], basis [D, D] (x ↦ y, not
-    orthogonal when a metric is given), scale [D], bits [D] int, levels [D, 2**max(bits)].
+    x [N, D]; weights [N] (importance of each token, default uniform) ->
+    mean [D], basis [D, D] orthogonal, scale [D], bits [D] int, levels [D, 2**max(bits)].
     """
     x = x.astype(np.float64)
     N, D = x.shape
@@ -72,8 +60,6 @@ def fit_head(x: np.ndarray, bits: int, weights: np.ndarray | None = None,
     w = w / w.sum()
     mean = w @ x
     c = x - mean
-    if metric is not None:
-        c = c @ metric
     u = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-20)
     eigval, eigvec = np.linalg.eigh((u * w[:, None]).T @ u)
     order = np.argsort(eigval)[::-1]
@@ -93,16 +79,12 @@ def fit_head(x: np.ndarray, bits: int, weights: np.ndarray | None = None,
             init = np.array(sphere_levels(int(b), 10_000))  # ≈ Gaussian Lloyd-Max
             lv = fit_levels(z[:, dirs].reshape(-1), int(b), init=init)
         levels[dirs] = np.concatenate([lv, np.full(K - len(lv), lv[-1])])
-    if metric is not None:
-        basis = metric @ basis
     return {"mean": mean, "basis": basis, "scale": scale, "bits": alloc, "levels": levels}
 
 
-def fit(x: np.ndarray, bits: int, weights: np.ndarray | None = None, seed: int = 0,
-        metrics: np.ndarray | None = None) -> dict[str, mx.array]:
-    """x [N, H, D], weights [N, H], metrics [H, D, D] or None -> tensors stacked over heads."""
-    heads = [fit_head(x[:, h], bits, None if weights is None else weights[:, h], seed + h,
-                      None if metrics is None else metrics[h])
+def fit(x: np.ndarray, bits: int, weights: np.ndarray | None = None, seed: int = 0) -> dict[str, mx.array]:
+    """x [N, H, D], weights [N, H] or None -> tensors stacked over heads (levels padded)."""
+    heads = [fit_head(x[:, h], bits, None if weights is None else weights[:, h], seed + h)
              for h in range(x.shape[1])]
     K = max(h["levels"].shape[1] for h in heads)
     for h in heads:
@@ -113,29 +95,20 @@ def fit(x: np.ndarray, bits: int, weights: np.ndarray | None = None, seed: int =
 
 
 def calibrate(acts: LayerActivations, spec: LayerSpec) -> dict[str, mx.array]:
-    """Tensors ``keys.<part>`` and ``values.<part>`` for one layer."""
+    """Tensors ``keys.<part>`` for one layer (values need none)."""
     weights = attention_mass(acts) ** WEIGHT_POWER
-    tensors = {}
-    # Keys at random positions: the eigenbasis of post-RoPE keys seen only at
-    # positions < seq_len leaves later positions' rotated directions without bits.
-    key_metrics = None
-    if USE_QUERY_METRIC and acts.query_cov is not None:
-        key_metrics = np.stack([query_metric(c) for c in acts.query_cov])
-    for kind, x, b, metrics in (("keys", acts.keys_any_position, spec.key_bits, key_metrics),
-                                ("values", acts.values, spec.value_bits, None)):
-        for part, arr in fit(x, b, weights, seed=spec.seed, metrics=metrics).items():
-            tensors[f"{kind}.{part}"] = arr
-    return tensors
+    tensors = fit(acts.keys_any_position, spec.key_bits, weights, seed=spec.seed)
+    return {f"keys.{part}": arr for part, arr in tensors.items()}
 
 
 def codec_from_tensors(t: dict[str, mx.array]) -> ScalarCodec:
     """ScalarCodec from one kind's tensors (mean, basis, scale, bits, levels)."""
-    inverse = mx.array(np.linalg.inv(np.array(t["basis"], dtype=np.float64)).astype(np.float32))
     return ScalarCodec(rotation=t["basis"], scale=t["scale"], levels=t["levels"],
-                       bits=np.array(t["bits"]), mean=t["mean"], inverse=inverse)
+                       bits=np.array(t["bits"]), mean=t["mean"])
 
 
 def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[ScalarCodec, ScalarCodec]:
     """(key codec, value codec) for one layer from its calibrated tensors."""
-    pick = lambda kind: {p: tensors[f"{kind}.{p}"] for p in PARTS}
-    return codec_from_tensors(pick("keys")), codec_from_tensors(pick("values"))
+    keys = codec_from_tensors({p: tensors[f"keys.{p}"] for p in PARTS})
+    _, values = turboquant_mse.make_codecs({}, spec)
+    return keys, values
