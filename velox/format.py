@@ -64,6 +64,14 @@ def validate_kv_quant(kvq: Any, num_layers: int, known_methods: set[str]) -> dic
                 b = layer.get(key)
                 _require(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= MAX_BITS,
                          f"{where}.{key} must be an integer in 1..{MAX_BITS}, got {b!r}")
+    quality = kvq.get("quality")
+    if quality is not None:
+        _require(isinstance(quality, dict) and isinstance(quality.get("runs"), dict),
+                 "quality must be an object with a runs object (written by velox-eval)")
+        for name, run in quality["runs"].items():
+            _require(isinstance(run, dict) and all(isinstance(run.get(k), (int, float)) and not isinstance(run.get(k), bool)
+                                                   for k in ("ppl", "delta_ppl", "bytes_per_token")),
+                     f"quality.runs.{name} needs numeric ppl, delta_ppl and bytes_per_token")
     artifacts = kvq.get("artifacts")
     _require(isinstance(artifacts, list), "artifacts must be a list")
     for i, art in enumerate(artifacts):

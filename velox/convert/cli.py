@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seq-len", type=int, default=512, help="calibration sequence length (default: 512)")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--eval", action="store_true",
+                   help="after converting, run a short velox-eval (2048 tokens vs fp16 and mlx_lm 4-bit) "
+                        "and write the results into the model card")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -51,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'method':<16} {'K bits':>6} {'V bits':>6} {'fit s':>7}")
     for name, entry in kvq["methods"].items():
         print(f"{name:<16} {entry['key_bits']:>6} {entry['value_bits']:>6} {entry['fit_seconds']:>7.1f}")
+    if args.eval:
+        from ..runtime.evaluate import main as eval_main
+
+        return eval_main(["--model", args.mlx_path, "--tokens", "2048", "--baselines", "fp16,mlx4",
+                          "--passkey-lengths", "", "--update-card", *(["--quiet"] if args.quiet else [])])
     return 0
 
 

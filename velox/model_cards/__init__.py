@@ -6,11 +6,13 @@ from pathlib import Path
 from string import Template
 
 TEMPLATE = Path(__file__).with_name("template.md")
-VELOX_URL = "https://pypi.org/project/velox/"
+VELOX_URL = "https://pypi.org/project/velox-kv/"
+# velox-eval --update-card replaces what stands between these markers.
+QUALITY_START = "<!-- velox-eval:start -->"
+QUALITY_END = "<!-- velox-eval:end -->"
 
 
-def render_card(kvq: dict, base_model: str, name: str, repo: str | None = None,
-                quality_md: str = "") -> str:
+def render_card(kvq: dict, base_model: str, name: str, repo: str | None = None) -> str:
     """README.md text for a folder whose config.json carries ``kvq``."""
     methods = kvq["methods"]
     rows = "\n".join(
@@ -34,6 +36,6 @@ def render_card(kvq: dict, base_model: str, name: str, repo: str | None = None,
         default_method=kvq["default_method"],
         calibration=calibration,
         repo=repo or name,
-        quality=quality_md,
+        quality=f"{QUALITY_START}\n{QUALITY_END}",
         format_version=kvq["format_version"],
     )
