@@ -27,6 +27,7 @@ from velox.convert.capture import capture  # noqa: E402
 from velox.convert.pipeline import calibrate_method  # noqa: E402
 from velox.eval import mlx_baseline_cache, teacher_forced_nll  # noqa: E402
 from velox.methods import LayerSpec, get_method  # noqa: E402
+from velox.methods.rope import layer_rope  # noqa: E402
 from velox.openblas import reexec_with_openblas  # noqa: E402
 from velox.runtime.cache import VeloxKVCache  # noqa: E402
 
@@ -40,7 +41,8 @@ def velox_factory(model, method: str, acts, key_bits: int, value_bits: int, seed
     for i in range(len(acts)):
         prefix = f"{method}.layers.{i}."
         mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        codecs.append(module.make_codecs(mine, LayerSpec(i, H, D, key_bits, value_bits, seed)))
+        spec = LayerSpec(i, H, D, key_bits, value_bits, seed, rope=layer_rope(model.layers[i]))
+        codecs.append(module.make_codecs(mine, spec))
     return (lambda: [VeloxKVCache(k, v, method=method) for k, v in codecs]), entry["fit_seconds"]
 
 
@@ -102,7 +104,7 @@ def run_velox_and_baselines(args) -> tuple:
     tokens = np.array(tok.encode(EVAL_CORPUS.read_text()))
     t0 = time.perf_counter()
     calib = load_calibration(tok, num_tokens=args.calib_tokens)
-    acts = capture(model, calib.tokens, max_position=8192)
+    acts = capture(model, calib.tokens)
     capture_s = time.perf_counter() - t0
     rows = [measure(model, tokens, b, mlx_baseline_cache(model, b), args.windows)
             for b in args.baselines.split(",")]

@@ -8,10 +8,10 @@ from velox.runtime.cache import VeloxKVCache
 
 
 class Identity:
-    def encode(self, x):
+    def encode(self, x, offset=0):
         return (x,)
 
-    def decode(self, x):
+    def decode(self, x, offset=0):
         return x
 
 

@@ -4,7 +4,8 @@ import pytest
 from mlx_lm.models import base
 from mlx_lm.models.rope_utils import initialize_rope
 
-from velox.convert.capture import capture, inverse_rope, rope_matrices
+from velox.convert.capture import capture, inverse_rope
+from velox.methods.rope import RopeInverse, rope_matrices
 from velox.runtime import attention
 
 ROPES = {
@@ -29,6 +30,10 @@ def test_inverse_rope_round_trip(kind):
     mats = rope_matrices(rope, L, D)
     back = inverse_rope(np.array(post[0]).transpose(1, 0, 2), np.linalg.inv(mats))
     assert np.allclose(back, np.array(pre[0]).transpose(1, 0, 2), atol=1e-4)
+    # the runtime inverse (pair sign flip through the module itself), at any offset
+    inv = RopeInverse(rope, D)
+    for offset in (0, 517, 7000):
+        assert mx.allclose(inv.unrope(rope(pre, offset=offset), offset), pre, atol=1e-5)
 
 
 def test_capture_records_every_layer_and_restores_attention(tiny_llama):
@@ -36,15 +41,17 @@ def test_capture_records_every_layer_and_restores_attention(tiny_llama):
 
     model, tok = mlx_lm.load(str(tiny_llama))
     seqs = np.random.default_rng(0).integers(0, 1000, (3, 32))
-    acts = capture(model, seqs, max_position=2048, progress=False)
+    acts = capture(model, seqs, progress=False)
     assert len(acts) == 2
     a = acts[1]
     assert a.keys.shape == (96, 2, 64) and a.values.shape == (96, 2, 64)
     assert a.queries.shape == (96, 4, 64)
     assert a.positions.tolist() == list(range(32)) * 3
-    # the keys at random positions keep each key's norm (RoPE is a rotation)
-    assert np.allclose(np.linalg.norm(a.keys_any_position.astype(np.float32), axis=-1),
+    # pre-RoPE keys keep each key's norm (RoPE is a rotation) and differ from post-RoPE ones
+    assert np.allclose(np.linalg.norm(a.keys_pre_rope.astype(np.float32), axis=-1),
                        np.linalg.norm(a.keys.astype(np.float32), axis=-1), rtol=5e-3)
+    assert np.allclose(a.keys_pre_rope[0], a.keys[0], atol=1e-3)  # position 0 is not rotated
+    assert not np.allclose(a.keys_pre_rope[5], a.keys[5], atol=1e-2)
     assert base.scaled_dot_product_attention is attention._ORIGINAL
 
 

@@ -19,17 +19,17 @@ from velox.runtime.evaluate import main as eval_main
 
 
 class Identity:
-    def encode(self, x):
+    def encode(self, x, offset=0):
         return (x,)
 
-    def decode(self, x):
+    def decode(self, x, offset=0):
         return x
 
 
 class DropHalf(Identity):
     """A deliberately broken codec: loses half of every vector."""
 
-    def decode(self, x):
+    def decode(self, x, offset=0):
         return mx.concatenate([x[..., :32], mx.zeros_like(x[..., 32:])], axis=-1)
 
 

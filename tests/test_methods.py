@@ -1,4 +1,5 @@
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -74,7 +75,7 @@ def test_attention_mass_sums_to_query_count():
     n, hq, hk, d = 32, 4, 2, 16
     acts = LayerActivations(
         keys=rng.standard_normal((n, hk, d)).astype(np.float16), keys_pre_rope=None,
-        keys_any_position=None, values=None,
+        values=None,
         queries=rng.standard_normal((n, hq, d)).astype(np.float16),
         positions=np.tile(np.arange(16), 2))
     mass = attention_mass(acts)
@@ -87,14 +88,24 @@ def test_attention_mass_sums_to_query_count():
 def test_spectral_calibrate_and_codecs_round_trip():
     x = anisotropic(1024)
     rng = np.random.default_rng(0)
-    acts = LayerActivations(keys=x, keys_pre_rope=x, keys_any_position=x, values=x[:, ::-1].copy(),
+    acts = LayerActivations(keys=x, keys_pre_rope=x, values=x[:, ::-1].copy(),
                             queries=rng.standard_normal((1024, 4, 64)).astype(np.float32),
                             positions=np.tile(np.arange(512), 2))
     spec = LayerSpec(layer=0, num_kv_heads=2, head_dim=64, key_bits=4, value_bits=2)
     tensors = spectral.calibrate(acts, spec)
     assert sorted(tensors) == [f"keys.{p}" for p in sorted(spectral.PARTS)]
-    kc, vc = spectral.make_codecs(tensors, spec)
-    assert kc.bits_per_vector == 256 and vc.bits_per_vector == 128
+    with pytest.raises(ValueError, match="needs the layer's rope module"):
+        spectral.make_codecs(tensors, spec)
+    rope = nn.RoPE(64, base=10000.0)
+    kc, vc = spectral.make_codecs(tensors, LayerSpec(0, 2, 64, 4, 2, rope=rope))
+    assert kc.inner.bits_per_vector == 256 and vc.bits_per_vector == 128
+    # keys are coded before RoPE: the same key at two positions codes identically
+    k = mx.array(x[:5]).transpose(1, 0, 2)[None]
+    at0 = kc.encode(rope(k, offset=0), offset=0)
+    at900 = kc.encode(rope(k, offset=900), offset=900)
+    assert all(mx.array_equal(a, b) for a, b in zip(at0[:1], at900[:1]))
+    back = kc.decode(*at900, offset=900)
+    assert rel_mse(rope(k, offset=900), back) < 0.02
 
 
 def test_unknown_method_lists_available():

@@ -117,10 +117,10 @@ def test_broken_cache_is_detected_with_confidence(smollm2_path, eval_tokens, fp1
     from velox.eval import bootstrap_delta
 
     class DropHalf:
-        def encode(self, x):
+        def encode(self, x, offset=0):
             return (x,)
 
-        def decode(self, x):
+        def decode(self, x, offset=0):
             return mx.concatenate([x[..., :32], mx.zeros_like(x[..., 32:])], axis=-1)
 
     model, _ = mlx_lm.load(str(smollm2_path))

@@ -20,7 +20,7 @@ from ..methods import LayerSpec, get_method
 from ..model_cards import render_card
 from ..runtime.loader import resolve_path
 from .calib_data import load_calibration
-from .capture import attention_module, capture
+from .capture import capture
 
 
 # Copied byte for byte: re-saving through transformers can change the tokenizer class.
@@ -109,9 +109,7 @@ def convert(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
 
         calib = load_calibration(tokenizer, calib_data, calib_tokens, calib_seq_len)
         t0 = time.perf_counter()
-        # Keys are calibrated at random positions over the whole context the model supports.
-        max_position = int(config.get("max_position_embeddings") or 8192)
-        acts = capture(model, calib.tokens, max_position=max_position, seed=seed, progress=progress)
+        acts = capture(model, calib.tokens, progress=progress)
         capture_seconds = time.perf_counter() - t0
         first = next((a for a in acts if a is not None), None)
         if first is None:

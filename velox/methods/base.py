@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -12,14 +13,11 @@ class LayerActivations:
     """Calibration activations of one attention layer (float16 numpy, N tokens).
 
     keys [N, H_kv, D] after RoPE (what caches receive); keys_pre_rope [N, H_kv, D];
-    keys_any_position [N, H_kv, D]: the same keys with RoPE re-applied at random
-    positions over the model's whole context (calibration seqs only span seq_len);
     values [N, H_kv, D]; queries [N, H_q, D] after RoPE; positions [N].
     """
 
     keys: np.ndarray
     keys_pre_rope: np.ndarray
-    keys_any_position: np.ndarray
     values: np.ndarray
     queries: np.ndarray
     positions: np.ndarray
@@ -27,7 +25,11 @@ class LayerActivations:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """Settings of one layer's cache for one method."""
+    """Settings of one layer's cache for one method.
+
+    rope: the layer's rope module (given at load time; methods that code keys before
+    RoPE need it).
+    """
 
     layer: int
     num_kv_heads: int
@@ -35,6 +37,7 @@ class LayerSpec:
     key_bits: int
     value_bits: int
     seed: int = 0
+    rope: Any = None
 
 
 def attention_mass(acts: LayerActivations) -> np.ndarray:

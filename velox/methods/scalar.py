@@ -196,8 +196,11 @@ class ScalarCodec:
         """Code bits per vector (excluding the fp16 norm), the same for every head."""
         return int(self.bits.sum(axis=-1).max())
 
-    def encode(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """x [B, H, L, D] -> (words [B, H, L, W] uint32, norms [B, H, L] float16)."""
+    def encode(self, x: mx.array, offset: int = 0) -> tuple[mx.array, mx.array]:
+        """x [B, H, L, D] -> (words [B, H, L, W] uint32, norms [B, H, L] float16).
+
+        offset (the position of x's first token) is unused: this codec is position-free.
+        """
         x = x.astype(mx.float32)
         if self.mean is not None:
             x = x - self.mean[:, None, :]
@@ -206,7 +209,7 @@ class ScalarCodec:
         codes = mx.sum(y[..., None] > self.boundaries[:, None], axis=-1).astype(mx.uint32)
         return pack(codes, self.layout), norm[..., 0].astype(mx.float16)
 
-    def decode(self, words: mx.array, norms: mx.array) -> mx.array:
+    def decode(self, words: mx.array, norms: mx.array, offset: int = 0) -> mx.array:
         """(words [B, H, L, W], norms [B, H, L]) -> x̂ [B, H, L, D] float32."""
         codes = unpack(words, self.layout)
         y = mx.take(self.flat_levels, self.flat_base + codes) * self.scale[:, None, :]

@@ -1,15 +1,17 @@
 """spectral: calibrated eigenbasis rotation with water-filled bits per direction.
 
-Keys, per (layer, KV head): centre by the calibration mean, normalise each vector
+Keys, per (layer, KV head), in the pre-RoPE frame (the cache un-rotates each key at
+its position, codes it, and re-applies RoPE when decoding, so the basis does not
+depend on where a key lands): centre by the calibration mean, normalise each vector
 (its norm is kept in fp16), rotate into the eigenbasis of the calibration
 directions, give each eigen-direction a bit width by greedy reverse water-filling
 on its variance (more bits where the variance is), and fit one scalar codebook per
 group of directions sharing a bit width on the standardised data.
 
-Two choices were measured on SmolLM2 (docs/BENCHMARKS.md):
-- keys are calibrated at random positions over the whole context (RoPE re-applied
-  to the pre-RoPE keys): a basis fitted on positions < seq_len starves the
-  directions that later positions rotate into (4-bit ΔPPL 23% -> 3%);
+Choices measured on SmolLM2 (docs/BENCHMARKS.md):
+- pre-RoPE keys: a basis of post-RoPE keys fitted on positions < seq_len starves
+  the directions later positions rotate into (3-bit keys alone: +6.8% ΔPPL even
+  fitted at random positions, +2.3% pre-RoPE);
 - statistics are weighted by the square root of the attention each calibration
   token receives, so rare attention-sink tokens keep bits (ΔPPL 39% -> 3%).
 Values are coded with turboquant_mse's data-free rotation: an eigenbasis measured
@@ -24,6 +26,7 @@ import numpy as np
 
 from . import turboquant_mse
 from .base import LayerActivations, LayerSpec, attention_mass
+from .rope import PreRopeCodec, RopeInverse
 from .scalar import MAX_BITS, ScalarCodec, fit_levels, gaussian_distortion, sphere_levels
 
 DEFAULT_KEY_BITS = 4
@@ -97,7 +100,7 @@ def fit(x: np.ndarray, bits: int, weights: np.ndarray | None = None, seed: int =
 def calibrate(acts: LayerActivations, spec: LayerSpec) -> dict[str, mx.array]:
     """Tensors ``keys.<part>`` for one layer (values need none)."""
     weights = attention_mass(acts) ** WEIGHT_POWER
-    tensors = fit(acts.keys_any_position, spec.key_bits, weights, seed=spec.seed)
+    tensors = fit(acts.keys_pre_rope, spec.key_bits, weights, seed=spec.seed)
     return {f"keys.{part}": arr for part, arr in tensors.items()}
 
 
@@ -107,8 +110,11 @@ def codec_from_tensors(t: dict[str, mx.array]) -> ScalarCodec:
                        bits=np.array(t["bits"]), mean=t["mean"])
 
 
-def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[ScalarCodec, ScalarCodec]:
-    """(key codec, value codec) for one layer from its calibrated tensors."""
-    keys = codec_from_tensors({p: tensors[f"keys.{p}"] for p in PARTS})
+def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[PreRopeCodec, ScalarCodec]:
+    """(key codec, value codec) for one layer; ``spec.rope`` is the layer's rope module."""
+    if spec.rope is None:
+        raise ValueError("spectral codes keys before RoPE and needs the layer's rope module")
+    keys = PreRopeCodec(codec_from_tensors({p: tensors[f"keys.{p}"] for p in PARTS}),
+                        RopeInverse(spec.rope, spec.head_dim))
     _, values = turboquant_mse.make_codecs({}, spec)
     return keys, values

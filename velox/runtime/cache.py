@@ -20,8 +20,9 @@ from mlx_lm.models.cache import _BaseCache, create_attention_mask
 class VeloxKVCache(_BaseCache):
     """Compressed KV cache for one attention layer.
 
-    key_codec / value_codec: objects with ``encode(x [B, H, L, D]) -> tuple of
-    arrays [B, H, L, ...]`` and ``decode(*parts) -> [B, H, L, D]``.
+    key_codec / value_codec: objects with ``encode(x [B, H, L, D], offset) -> tuple of
+    arrays [B, H, L, ...]`` and ``decode(*parts, offset) -> [B, H, L, D]``, where offset
+    is the position of the first token (position-aware codecs code keys before RoPE).
     """
 
     step = 256
@@ -36,6 +37,7 @@ class VeloxKVCache(_BaseCache):
         self.keys: list[mx.array] | None = None    # encoded parts, each [B, H, S_alloc, ...]
         self.values: list[mx.array] | None = None
         self.offset = 0
+        self.elements_per_token = 0  # K + V elements per token, to report the fp16 equivalent
 
     def _grow(self, buffers: list[mx.array] | None, parts: tuple, needed: int) -> list[mx.array]:
         prev = self.offset - self.sink if self.offset > self.sink else 0
@@ -55,14 +57,15 @@ class VeloxKVCache(_BaseCache):
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Encode keys/values [B, H, L, D], store, return decoded [B, H, offset+L, D]."""
         dtype = keys.dtype
+        self.elements_per_token = keys.shape[1] * keys.shape[3] + values.shape[1] * values.shape[3]
         n_sink = max(0, min(self.sink - self.offset, keys.shape[2]))
         if n_sink:
             self._store_sink(keys[:, :, :n_sink], values[:, :, :n_sink])
             keys, values = keys[:, :, n_sink:], values[:, :, n_sink:]
             self.offset += n_sink
         if keys.shape[2]:
-            k_parts = self.key_codec.encode(keys)
-            v_parts = self.value_codec.encode(values)
+            k_parts = self.key_codec.encode(keys, offset=self.offset)
+            v_parts = self.value_codec.encode(values, offset=self.offset)
             prev = self.offset - self.sink
             end = prev + keys.shape[2]
             self.keys = self._grow(self.keys, k_parts, end)
@@ -91,8 +94,8 @@ class VeloxKVCache(_BaseCache):
             ks.append(self.sink_keys[:, :, :n_sink].astype(dtype))
             vs.append(self.sink_values[:, :, :n_sink].astype(dtype))
         if n_coded:
-            ks.append(self.key_codec.decode(*[b[:, :, :n_coded] for b in self.keys]).astype(dtype))
-            vs.append(self.value_codec.decode(*[b[:, :, :n_coded] for b in self.values]).astype(dtype))
+            ks.append(self.key_codec.decode(*[b[:, :, :n_coded] for b in self.keys], offset=n_sink).astype(dtype))
+            vs.append(self.value_codec.decode(*[b[:, :, :n_coded] for b in self.values], offset=n_sink).astype(dtype))
         if len(ks) == 1:
             return ks[0], vs[0]
         return mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
@@ -127,6 +130,11 @@ class VeloxKVCache(_BaseCache):
 
     def empty(self) -> bool:
         return self.offset == 0 and self.keys is None and self.sink_keys is None
+
+    @property
+    def fp16_nbytes(self) -> int:
+        """Bytes the same tokens would take as fp16 keys and values (batch 1)."""
+        return self.offset * self.elements_per_token * 2
 
     @property
     def nbytes(self) -> int:

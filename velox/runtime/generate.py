@@ -75,15 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 def kv_bytes(cache: list) -> tuple[int, int]:
     """(bytes the caches hold, bytes fp16 keys+values of the same tokens would take)."""
     held = sum(c.nbytes for c in cache)
-    fp16 = 0
-    for c in cache:
-        codec = getattr(c, "key_codec", None)
-        if codec is not None:
-            heads, dim = codec.levels.shape[0], codec.levels.shape[1]
-            fp16 += c.offset * heads * dim * 2 * 2
-        else:
-            fp16 += c.nbytes
-    return held, fp16
+    return held, sum(getattr(c, "fp16_nbytes", c.nbytes) for c in cache)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from mlx_lm.utils import load as mlx_lm_load
 
 from ..format import ARTIFACT_FILE, VeloxFormatError, check_artifacts, validate_kv_quant
 from ..methods import METHODS, LayerSpec, get_method
+from ..methods.rope import layer_rope
 from .cache import VeloxKVCache
 
 
@@ -41,7 +42,7 @@ def read_kv_quant(folder: Path) -> dict:
     return config["kv_quant"]
 
 
-def layer_specs(kvq: dict, method: str) -> list[Optional[LayerSpec]]:
+def layer_specs(kvq: dict, method: str, model) -> list[Optional[LayerSpec]]:
     """One LayerSpec per layer for ``method`` (None where the native cache stays)."""
     model_info = kvq.get("model", {})
     seed = int(kvq.get("calibration", {}).get("seed", 0))
@@ -52,15 +53,16 @@ def layer_specs(kvq: dict, method: str) -> list[Optional[LayerSpec]]:
             continue
         specs.append(LayerSpec(layer=entry["layer"], num_kv_heads=int(model_info["num_kv_heads"]),
                                head_dim=int(model_info["head_dim"]), key_bits=entry["key_bits"],
-                               value_bits=entry["value_bits"], seed=seed))
+                               value_bits=entry["value_bits"], seed=seed,
+                               rope=layer_rope(model.layers[entry["layer"]])))
     return specs
 
 
-def build_codecs(kvq: dict, method: str, tensors: dict[str, mx.array]) -> list[Optional[tuple]]:
+def build_codecs(kvq: dict, method: str, tensors: dict[str, mx.array], model) -> list[Optional[tuple]]:
     """(key codec, value codec) per layer, from the folder's artifact tensors."""
     module = get_method(method)
     codecs = []
-    for spec in layer_specs(kvq, method):
+    for spec in layer_specs(kvq, method, model):
         if spec is None:
             codecs.append(None)
             continue
@@ -82,7 +84,7 @@ def install_kv_caches(model, folder: Path, kvq: dict, method: Optional[str] = No
     check_artifacts(folder, kvq)
     path = Path(folder) / ARTIFACT_FILE
     tensors = mx.load(str(path)) if path.exists() else {}
-    codecs = build_codecs(kvq, method, tensors)
+    codecs = build_codecs(kvq, method, tensors, model)
     # Keep the model's own factory across repeated installs (another method, another folder).
     if not hasattr(model, "_velox_native_make_cache"):
         model._velox_native_make_cache = getattr(model, "make_cache", None)

@@ -1,0 +1,90 @@
+"""Exact RoPE inversion for any rope module of mlx_lm, and a codec wrapper that codes
+keys in the pre-RoPE frame (the cache receives post-RoPE keys)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+PROBE_POSITIONS = (1, 37, 1000, 4096)
+
+
+def attention_module(layer):
+    """The attention submodule of a transformer block (``self_attn`` in mlx_lm models)."""
+    for name in ("self_attn", "attention", "attn"):
+        if hasattr(layer, name):
+            return getattr(layer, name)
+    raise ValueError(f"cannot find the attention module of {type(layer).__name__}")
+
+
+def layer_rope(layer):
+    """The rope module a transformer block applies to its queries and keys."""
+    attn = attention_module(layer)
+    if not hasattr(attn, "rope"):
+        raise ValueError(f"{type(attn).__name__} has no rope module; velox cannot code its keys before RoPE")
+    return attn.rope
+
+
+def rope_matrices(rope, positions, head_dim: int) -> np.ndarray:
+    """M [P, D, D] with rope(k at position p) = M[p] @ k, probed from the module itself.
+
+    positions: an int P (positions 0..P-1) or a sequence of positions. Probing with
+    the identity handles any linear rope (plain, traditional, llama3, yarn with its
+    mscale, partial rotary) without knowing its formula.
+    """
+    eye = mx.eye(head_dim, dtype=mx.float32)
+    if isinstance(positions, int):
+        probe = mx.broadcast_to(eye[:, None, None, :], (head_dim, 1, positions, head_dim))
+        out = rope(probe, offset=0)  # out[b, 0, p, i] = M[p][i, b]
+        return np.array(out[:, 0].astype(mx.float32)).transpose(1, 2, 0).astype(np.float64)
+    return np.stack([np.array(rope(eye[:, None, None, :], offset=int(p))[:, 0, 0].astype(mx.float32)).T
+                     for p in positions]).astype(np.float64)
+
+
+class RopeInverse:
+    """rope(x, offset) and its exact inverse for a pairwise-rotation rope module.
+
+    Every mlx_lm rope rotates pairs of dimensions (times a constant mscale m), so with
+    P = the sign flip of each pair's second member, rope⁻¹(x) = P·rope(P·x) / m².
+    The pairing and m are read off the module by probing it, not assumed.
+    """
+
+    def __init__(self, rope: Any, head_dim: int):
+        self.module = rope
+        mats = rope_matrices(rope, PROBE_POSITIONS, head_dim)
+        off = np.abs(mats).sum(axis=0) * (1 - np.eye(head_dim))
+        sign = np.ones(head_dim, dtype=np.float32)
+        for i in range(head_dim):
+            j = int(np.argmax(off[:, i]))
+            if off[j, i] > 1e-6 and j < i:
+                sign[i] = -1.0  # the second member of the pair (j, i)
+        m0 = rope_matrices(rope, (0,), head_dim)[0]
+        self.sign = mx.array(sign)
+        self.inv_m2 = mx.array((1.0 / np.sum(m0 * m0, axis=0)).astype(np.float32))
+
+    def rope(self, x: mx.array, offset: int) -> mx.array:
+        """x [B, H, L, D] at positions offset.. -> rotated."""
+        return self.module(x, offset=offset)
+
+    def unrope(self, x: mx.array, offset: int) -> mx.array:
+        """Inverse of ``rope``: x [B, H, L, D] -> pre-RoPE."""
+        return self.sign * self.module(self.sign * x, offset=offset) * self.inv_m2
+
+
+@dataclass
+class PreRopeCodec:
+    """Codes post-RoPE keys in the pre-RoPE frame: un-rotate on encode, re-rotate on decode."""
+
+    inner: Any
+    rope: RopeInverse
+
+    def encode(self, x: mx.array, offset: int = 0) -> tuple:
+        """x [B, H, L, D] post-RoPE at positions offset.. -> codes of the pre-RoPE keys."""
+        return self.inner.encode(self.rope.unrope(x.astype(mx.float32), offset))
+
+    def decode(self, *parts: mx.array, offset: int = 0) -> mx.array:
+        """Codes of positions offset.. -> post-RoPE keys [B, H, L, D]."""
+        return self.rope.rope(self.inner.decode(*parts), offset)
