@@ -28,7 +28,7 @@ from velox.convert.pipeline import calibrate_method  # noqa: E402
 from velox.eval import mlx_baseline_cache, teacher_forced_nll  # noqa: E402
 from velox.methods import LayerSpec, get_method  # noqa: E402
 from velox.methods.rope import layer_rope  # noqa: E402
-from velox.openblas import reexec_with_openblas  # noqa: E402
+from velox.cpu import reexec_with_openblas  # noqa: E402
 from velox.runtime.cache import VeloxKVCache  # noqa: E402
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import (common_args, markdown, measure, run_velox_and_baselines,  # noqa: E402
                            write_outputs)
 
-from velox.openblas import reexec_with_openblas  # noqa: E402
+from velox.cpu import reexec_with_openblas  # noqa: E402
 
 
 def held_bytes(cache) -> int:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..methods import METHODS
-from ..openblas import reexec_with_openblas
+from ..cpu import reexec_with_openblas
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ from mlx_lm.utils import save_config, save_model
 from tqdm import tqdm
 
 from .. import __version__
+from ..cpu import float32_on_cpu
 from ..format import ARTIFACT_FILE, FORMAT_VERSION, sha256_file
 from ..methods import LayerSpec, get_method
 from ..model_cards import render_card
@@ -104,8 +105,7 @@ def convert(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
     try:
         save_model(tmp, model)
         copy_tokenizer_files(src, tmp, tokenizer)
-        if mx.default_device() == mx.cpu:
-            model.set_dtype(mx.float32)  # bf16 matmuls are slow and lossy on MLX's CPU backend
+        float32_on_cpu(model)
 
         calib = load_calibration(tokenizer, calib_data, calib_tokens, calib_seq_len)
         t0 = time.perf_counter()

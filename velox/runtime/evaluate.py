@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..openblas import reexec_with_openblas
+from ..cpu import float32_on_cpu, reexec_with_openblas
 
 BASELINE_BITS = {"fp16": 16, "mlx8": 8, "mlx4": 4, "mlx2": 2}
 QUALITY_FIELDS = ("key_bits", "value_bits", "ppl", "delta_ppl", "bytes_per_token")
@@ -38,7 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
 def evaluate(folder: Path, methods: list[str], baselines: list[str], text: str, n_tokens: int,
              window: int, passkey_lengths: tuple[int, ...], budget_gb: float, progress: bool = True) -> dict:
     """Run every measurement on the folder; returns the results dict that --json writes."""
-    import mlx.core as mx
     import mlx_lm
     import numpy as np
 
@@ -50,8 +49,7 @@ def evaluate(folder: Path, methods: list[str], baselines: list[str], text: str, 
     from .loader import install_kv_caches, read_kv_quant
 
     model, tok = mlx_lm.load(str(folder))
-    if mx.default_device() == mx.cpu:
-        model.set_dtype(mx.float32)
+    float32_on_cpu(model)
     kvq = validate_kv_quant(read_kv_quant(folder), len(model.layers), set(METHODS))
     ids = np.array(tok.encode(text))
     if len(ids) < min(n_tokens, window):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..openblas import reexec_with_openblas
+from ..cpu import float32_on_cpu, reexec_with_openblas
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,11 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     except (VeloxFormatError, ValueError, FileNotFoundError) as e:
         print(f"velox-generate: error: {e}", file=sys.stderr)
         return 2
-    dtype = args.dtype
-    if dtype == "auto" and mx.default_device() == mx.cpu:
-        dtype = "float32"  # bf16 matmuls are slow and lossy on MLX's CPU backend
-    if dtype != "auto":
-        model.set_dtype(getattr(mx, dtype))
+    if args.dtype == "auto":
+        float32_on_cpu(model)
+    else:
+        model.set_dtype(getattr(mx, args.dtype))
     if args.seed is not None:
         mx.random.seed(args.seed)
 

@@ -1,6 +1,6 @@
-"""Run CLIs with Debian's OpenBLAS on Linux: MLX's CPU wheel links a slow reference BLAS.
+"""MLX's CPU backend: OpenBLAS for the CLIs and float32 compute.
 
-A 1024×576×1536 fp32 matmul takes ~330 ms with the bundled BLAS and ~28 ms with
+MLX's Linux CPU wheel links a slow reference BLAS: a 1024×576×1536 fp32 matmul takes ~330 ms with the bundled BLAS and ~28 ms with
 OpenBLAS preloaded, which turns a minutes-long conversion into seconds. The
 library must be preloaded before the process starts, so the CLI re-executes itself.
 Set VELOX_NO_OPENBLAS=1 to opt out.
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
+
+import mlx.core as mx
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 
@@ -21,3 +23,10 @@ def reexec_with_openblas() -> None:
         return
     env = dict(os.environ, LD_PRELOAD=":".join(filter(None, [OPENBLAS, os.environ.get("LD_PRELOAD")])))
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def float32_on_cpu(model) -> None:
+    """Compute in float32 on MLX's CPU backend: bf16 matmuls there are slow and lossy
+    (SmolLM2-135M answers the capital of France wrongly in bf16, rightly in float32)."""
+    if mx.default_device() == mx.cpu:
+        model.set_dtype(mx.float32)
