@@ -103,3 +103,13 @@ def test_cli_writes_json_plot_and_card(tiny_llama, tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(VeloxFormatError, match="quality.runs.spectral"):
         velox.load(str(out))
+
+
+def test_convert_with_eval_updates_the_card(tiny_llama, tmp_path):
+    out = tmp_path / "e"
+    assert convert_main(["--hf-path", str(tiny_llama), "--mlx-path", str(out), "--kv", "turboquant_mse",
+                         "--calib-tokens", "256", "--calib-seq-len", "64", "--eval", "--quiet"]) == 0
+    kvq = json.loads((out / "config.json").read_text())["kv_quant"]
+    assert set(kvq["quality"]["runs"]) == {"fp16", "mlx4", "turboquant_mse"}
+    assert kvq["quality"]["tokens"] == 2048
+    assert "Measured quality (velox-eval)" in (out / "README.md").read_text()
