@@ -3,7 +3,7 @@
 A capture cache is installed in place of each plain KVCache: it records the keys
 (after RoPE) and values the model hands to its cache, and, through the attention
 dispatcher, the queries. Keys before RoPE are recovered exactly by inverting the
-layer's own rope module at each position.
+layer's own rope module (``RopeInverse``, the same inverse caches use at run time).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from mlx_lm.models.cache import KVCache, create_attention_mask, make_prompt_cach
 from tqdm import tqdm
 
 from ..methods.base import LayerActivations
-from ..methods.rope import layer_rope, rope_matrices
+from ..methods.rope import RopeInverse, layer_rope
 from ..runtime import attention
 
 
@@ -44,11 +44,6 @@ class CaptureCache:
         return create_attention_mask(*args, offset=self.offset, **kwargs)
 
 
-def inverse_rope(keys: np.ndarray, rope_inv: np.ndarray) -> np.ndarray:
-    """keys [N, H, D] at positions 0..N-1 (per sequence) -> keys before RoPE."""
-    return np.einsum("pij,phj->phi", rope_inv, keys.astype(np.float64))
-
-
 def plain_layers(model) -> list[bool]:
     """True for layers whose native cache is a plain KVCache (the ones velox replaces)."""
     return [type(c) is KVCache for c in make_prompt_cache(model)]
@@ -64,39 +59,39 @@ def capture(model, sequences: np.ndarray, progress: bool = True) -> list[LayerAc
     n_seq, L = sequences.shape
     layers = model.layers
     store = [dict(keys=[], pre=[], values=[], queries=[]) if p else None for p in plain]
-    rope_inv: list[np.ndarray | None] = [None] * len(layers)
+    rope_inv: list[RopeInverse | None] = [None] * len(layers)
     attention.install()
     try:
         for s in tqdm(range(n_seq), desc="capture", disable=not progress):
             native = make_prompt_cache(model)
             caches = [CaptureCache() if p else c for p, c in zip(plain, native)]
             model(mx.array(sequences[s : s + 1]), cache=caches)
-            recorded = [(c.keys[0], c.values[0], c.queries[0]) for c in caches if isinstance(c, CaptureCache)]
-            mx.eval(recorded)
+            recorded = {}
             for i, c in enumerate(caches):
-                if not isinstance(c, CaptureCache):
-                    continue
-                k = np.array(c.keys[0][0].astype(mx.float32)).transpose(1, 0, 2)  # [L, H, D]
-                if rope_inv[i] is None:
-                    rope_inv[i] = np.linalg.inv(rope_matrices(layer_rope(layers[i]), L, k.shape[-1]))
-                st = store[i]
-                st["keys"].append(k.astype(np.float16))
-                st["pre"].append(inverse_rope(k, rope_inv[i]).astype(np.float16))
-                st["values"].append(np.array(c.values[0][0].astype(mx.float32)).transpose(1, 0, 2).astype(np.float16))
-                st["queries"].append(np.array(c.queries[0][0].astype(mx.float32)).transpose(1, 0, 2).astype(np.float16))
+                if isinstance(c, CaptureCache):
+                    if rope_inv[i] is None:
+                        rope_inv[i] = RopeInverse(layer_rope(layers[i]), c.keys[0].shape[-1])
+                    k = c.keys[0].astype(mx.float32)
+                    recorded[i] = (k, rope_inv[i].unrope(k, 0), c.values[0], c.queries[0])
+            mx.eval(recorded)
+            for i, arrays in recorded.items():
+                # [1, H, L, D] -> [L, H, D] float16
+                k, pre, v, q = (np.array(x[0].astype(mx.float32)).transpose(1, 0, 2).astype(np.float16)
+                                for x in arrays)
+                for name, x in (("keys", k), ("pre", pre), ("values", v), ("queries", q)):
+                    store[i][name].append(x)
     finally:
         attention.uninstall()
     positions = np.tile(np.arange(L), n_seq)
     out = []
-    for i, st in enumerate(store):
+    for i in range(len(store)):
+        st, store[i] = store[i], None  # free each layer's pieces as soon as they are joined
         if st is None:
             out.append(None)
             continue
-        acts = LayerActivations(
-            keys=np.concatenate(st["keys"]), keys_pre_rope=np.concatenate(st["pre"]),
-            values=np.concatenate(st["values"]), queries=np.concatenate(st["queries"]),
-            positions=positions,
-        )
+        join = lambda name: np.concatenate(st.pop(name))
+        acts = LayerActivations(keys=join("keys"), keys_pre_rope=join("pre"), values=join("values"),
+                                queries=join("queries"), positions=positions)
         bad = [n for n in ("keys", "values", "queries") if not np.isfinite(getattr(acts, n)).all()]
         if bad:
             raise FloatingPointError(f"layer {i}: NaN/Inf in captured {', '.join(bad)}")
