@@ -27,7 +27,7 @@ from velox.convert.capture import capture  # noqa: E402
 from velox.convert.pipeline import calibrate_method  # noqa: E402
 from velox.eval import mlx_baseline_cache, teacher_forced_nll  # noqa: E402
 from velox.methods import LayerSpec, get_method  # noqa: E402
-from velox.methods.rope import layer_rope  # noqa: E402
+from velox.methods.rope import attention_module  # noqa: E402
 from velox.cpu import reexec_with_openblas  # noqa: E402
 from velox.runtime.cache import VeloxKVCache  # noqa: E402
 
@@ -41,7 +41,7 @@ def velox_factory(model, method: str, acts, key_bits: int, value_bits: int, seed
     for i in range(len(acts)):
         prefix = f"{method}.layers.{i}."
         mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        spec = LayerSpec(i, H, D, key_bits, value_bits, seed, rope=layer_rope(model.layers[i]))
+        spec = LayerSpec(i, H, D, key_bits, value_bits, seed, rope=attention_module(model.layers[i]).rope)
         codecs.append(module.make_codecs(mine, spec))
     return (lambda: [VeloxKVCache(k, v, method=method) for k, v in codecs]), entry["fit_seconds"]
 

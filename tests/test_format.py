@@ -35,6 +35,8 @@ def mutate(path, value):
     (["methods", "spectral", "layers", 1, "key_bits"], 12, "key_bits must be an integer in 1..8"),
     (["methods", "spectral", "layers", 0, "value_bits"], True, "value_bits must be an integer"),
     (["artifacts"], [{"file": "../../etc/passwd", "sha256": "x"}], "artifacts\\[0\\]"),
+    (["model", "head_dim"], -64, "positive integers num_kv_heads and head_dim"),
+    (["model", "num_layers"], 30, "model.num_layers is 30 but the model has 2 layers"),
 ])
 def test_invalid_fields_are_named(path, value, message):
     with pytest.raises(VeloxFormatError, match=message):

@@ -43,6 +43,12 @@ def validate_kv_quant(kvq: Any, num_layers: int, known_methods: set[str]) -> dic
     _require(isinstance(version, int), "format_version must be an integer")
     _require(version <= FORMAT_VERSION,
              f"format_version {version} is newer than this velox supports ({FORMAT_VERSION}); upgrade velox")
+    model = kvq.get("model")
+    _require(isinstance(model, dict) and all(isinstance(model.get(k), int) and model[k] > 0
+                                             for k in ("num_kv_heads", "head_dim")),
+             "model must give positive integers num_kv_heads and head_dim")
+    _require(model.get("num_layers", num_layers) == num_layers,
+             f"model.num_layers is {model.get('num_layers')} but the model has {num_layers} layers")
     methods = kvq.get("methods")
     _require(isinstance(methods, dict) and methods, "methods must be a non-empty object")
     default = kvq.get("default_method")

@@ -14,7 +14,7 @@ from mlx_lm.models.cache import KVCache, create_attention_mask, make_prompt_cach
 from tqdm import tqdm
 
 from ..methods.base import LayerActivations
-from ..methods.rope import RopeInverse, layer_rope
+from ..methods.rope import RopeInverse, attention_module
 from ..runtime import attention
 
 
@@ -70,7 +70,7 @@ def capture(model, sequences: np.ndarray, progress: bool = True) -> list[LayerAc
             for i, c in enumerate(caches):
                 if isinstance(c, CaptureCache):
                     if rope_inv[i] is None:
-                        rope_inv[i] = RopeInverse(layer_rope(layers[i]), c.keys[0].shape[-1])
+                        rope_inv[i] = RopeInverse(attention_module(layers[i]).rope, c.keys[0].shape[-1])
                     k = c.keys[0].astype(mx.float32)
                     recorded[i] = (k, rope_inv[i].unrope(k, 0), c.values[0], c.queries[0])
             mx.eval(recorded)

@@ -20,14 +20,6 @@ def attention_module(layer):
     raise ValueError(f"cannot find the attention module of {type(layer).__name__}")
 
 
-def layer_rope(layer):
-    """The rope module a transformer block applies to its queries and keys."""
-    attn = attention_module(layer)
-    if not hasattr(attn, "rope"):
-        raise ValueError(f"{type(attn).__name__} has no rope module; velox cannot code its keys before RoPE")
-    return attn.rope
-
-
 def rope_matrices(rope, positions, head_dim: int) -> np.ndarray:
     """M [P, D, D] with rope(k at position p) = M[p] @ k, probed from the module itself.
 

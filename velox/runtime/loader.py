@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 from mlx_lm.utils import load as mlx_lm_load
 
 from ..format import ARTIFACT_FILE, VeloxFormatError, check_artifacts, validate_kv_quant
 from ..methods import METHODS, LayerSpec, get_method
-from ..methods.rope import layer_rope
+from ..methods.rope import attention_module
 from .cache import VeloxKVCache
 
 
@@ -54,7 +54,7 @@ def layer_specs(kvq: dict, method: str, model) -> list[Optional[LayerSpec]]:
         specs.append(LayerSpec(layer=entry["layer"], num_kv_heads=int(model_info["num_kv_heads"]),
                                head_dim=int(model_info["head_dim"]), key_bits=entry["key_bits"],
                                value_bits=entry["value_bits"], seed=seed,
-                               rope=layer_rope(model.layers[entry["layer"]])))
+                               rope=getattr(attention_module(model.layers[entry["layer"]]), "rope", None)))
     return specs
 
 
