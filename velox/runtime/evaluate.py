@@ -110,6 +110,7 @@ def plot(results: dict, path: str) -> None:
         ax1.scatter(bits, 100 * r["delta_ppl"], marker=marker, label=name)
         ax1.annotate(name, (bits, 100 * r["delta_ppl"]), fontsize=8)
         ax2.plot(contexts, [c * r["bytes_per_token"] / 2**20 for c in contexts], marker=marker, label=name)
+    ax1.set_yscale("symlog", linthresh=1.0)  # 2-bit baselines sit at +1000s of %
     ax1.set_xlabel("bits per element (mean of K and V)")
     ax1.set_ylabel("ΔPPL vs fp16 (%)")
     ax1.set_title("quality per bit")
