@@ -26,23 +26,17 @@ from velox.convert.calib_data import EVAL_CORPUS, load_calibration  # noqa: E402
 from velox.convert.capture import capture  # noqa: E402
 from velox.convert.pipeline import calibrate_method  # noqa: E402
 from velox.eval import mlx_baseline_cache, teacher_forced_nll  # noqa: E402
-from velox.methods import LayerSpec, get_method  # noqa: E402
-from velox.methods.rope import attention_module  # noqa: E402
 from velox.cpu import reexec_with_openblas  # noqa: E402
 from velox.runtime.cache import VeloxKVCache  # noqa: E402
+from velox.runtime.loader import build_codecs  # noqa: E402
 
 
 def velox_factory(model, method: str, acts, key_bits: int, value_bits: int, seed: int = 0):
-    """Calibrate (method, bits) on ``acts`` -> (make_cache, fit seconds)."""
+    """Calibrate (method, bits) on ``acts`` as velox-convert does -> (make_cache, fit seconds)."""
     _, H, D = next(a for a in acts if a is not None).keys.shape
     entry, tensors = calibrate_method(method, acts, H, D, key_bits, value_bits, seed, progress=False)
-    module = get_method(method)
-    codecs = []
-    for i in range(len(acts)):
-        prefix = f"{method}.layers.{i}."
-        mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        spec = LayerSpec(i, H, D, key_bits, value_bits, seed, rope=attention_module(model.layers[i]).rope)
-        codecs.append(module.make_codecs(mine, spec))
+    kvq = {"methods": {method: entry}, "model": {"num_kv_heads": H, "head_dim": D}, "calibration": {"seed": seed}}
+    codecs = build_codecs(kvq, method, tensors, model)
     return (lambda: [VeloxKVCache(k, v, method=method) for k, v in codecs]), entry["fit_seconds"]
 
 

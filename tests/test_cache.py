@@ -48,6 +48,7 @@ def test_bytes_match_claimed_bits_plus_norms():
     fp16 = KVCache()
     fp16.update_and_fetch(k.astype(mx.float16), v.astype(mx.float16))
     assert fp16.nbytes / cache.nbytes == pytest.approx(128 / 34)
+    assert cache.fp16_nbytes == fp16.nbytes
 
 
 def test_sink_tokens_are_exact_fp16_and_counted():

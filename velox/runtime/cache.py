@@ -133,8 +133,10 @@ class VeloxKVCache(_BaseCache):
 
     @property
     def fp16_nbytes(self) -> int:
-        """Bytes the same tokens would take as fp16 keys and values (batch 1)."""
-        return self.offset * self.elements_per_token * 2
+        """Bytes mlx_lm's fp16 KVCache would hold for the same tokens (batch 1; it too
+        allocates in steps of 256 tokens), to compare like with like."""
+        allocated = -(-self.offset // self.step) * self.step
+        return allocated * self.elements_per_token * 2
 
     @property
     def nbytes(self) -> int:

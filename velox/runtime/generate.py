@@ -66,13 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         print("=" * 10)
         print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tokens-per-sec")
         print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tokens-per-sec")
-        print(f"KV cache: {held / 1e6:.3f} MB held vs {fp16 / 1e6:.3f} MB at fp16 "
-              f"({fp16 / max(held, 1):.1f}x smaller)")
+        print(f"KV cache: {held / 1e6:.3f} MB held vs {fp16 / 1e6:.3f} MB for an fp16 cache of the same "
+              f"tokens ({fp16 / max(held, 1):.1f}x smaller)")
     return 0
 
 
 def kv_bytes(cache: list) -> tuple[int, int]:
-    """(bytes the caches hold, bytes fp16 keys+values of the same tokens would take)."""
+    """(bytes the caches hold, bytes mlx_lm's fp16 KVCache would hold for the same tokens)."""
     held = sum(c.nbytes for c in cache)
     return held, sum(getattr(c, "fp16_nbytes", c.nbytes) for c in cache)
 

@@ -11,6 +11,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 from mlx_lm.utils import load as mlx_lm_load
 
+from ..cpu import float32_on_cpu
 from ..format import ARTIFACT_FILE, VeloxFormatError, check_artifacts, validate_kv_quant
 from ..methods import METHODS, LayerSpec, get_method
 from ..methods.rope import attention_module
@@ -104,11 +105,13 @@ def load(path_or_repo: str, kv: Optional[str] = None, revision: Optional[str] = 
     """Load a velox folder (or Hub repo) -> (model, tokenizer) with compressed KV caches.
 
     kv: which calibrated method to use (default: the folder's default_method).
-    Other keyword arguments go to ``mlx_lm.load``.
+    Other keyword arguments go to ``mlx_lm.load``. On MLX's CPU backend the model
+    computes in float32 (bf16 there is slow and visibly worse).
     """
     folder = resolve_path(path_or_repo, revision)
     kvq = read_kv_quant(folder)
     model, tokenizer = mlx_lm_load(str(folder), **kwargs)
+    float32_on_cpu(model)
     validate_kv_quant(kvq, len(model.layers), set(METHODS))
     install_kv_caches(model, folder, kvq, kv)
     return model, tokenizer
