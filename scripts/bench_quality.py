@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from velox.convert.calib_data import EVAL_CORPUS, load_calibration  # noqa: E402
 from velox.convert.capture import capture  # noqa: E402
 from velox.convert.pipeline import calibrate_method  # noqa: E402
-from velox.eval import mlx_baseline_cache, teacher_forced_nll  # noqa: E402
+from velox.eval import bytes_per_token, mlx_baseline_cache, teacher_forced_nll  # noqa: E402
 from velox.cpu import reexec_with_openblas  # noqa: E402
 from velox.runtime.cache import VeloxKVCache  # noqa: E402
 from velox.runtime.loader import build_codecs  # noqa: E402
@@ -44,9 +44,7 @@ def measure(model, tokens: np.ndarray, name: str, make_cache, windows: int, key_
             fit_seconds: float = 0.0) -> dict:
     """One row: teacher-forced PPL and bytes per token per layer measured from the cache arrays."""
     res = teacher_forced_nll(model, tokens, make_cache, window=1024, max_windows=windows)
-    cache = make_cache()
-    model(mx.array(tokens[None, :1024]), cache=cache)
-    per_token = sum(c.nbytes for c in cache) / 1024 / len(cache)
+    per_token = bytes_per_token(model, make_cache, tokens, n=1024) / len(model.layers)
     row = {"method": name, "key_bits": key_bits, "value_bits": value_bits, "nll": res.mean_nll, "ppl": res.ppl,
            "tokens": res.tokens, "bytes_per_token_per_layer": per_token, "fit_seconds": fit_seconds}
     print(json.dumps(row), flush=True)

@@ -16,7 +16,7 @@ import pytest
 import velox
 from velox.convert.calib_data import EVAL_CORPUS
 from velox.convert.cli import main as convert_main
-from velox.eval import mlx_baseline_cache, teacher_forced_nll
+from velox.eval import bytes_per_token, mlx_baseline_cache, teacher_forced_nll
 from velox.format import sha256_file
 from velox.runtime.cache import VeloxKVCache
 
@@ -90,9 +90,7 @@ def measure(folder, method, eval_tokens, fp16):
     model, _ = velox.load(str(folder), kv=method)
     model.set_dtype(mx.float32)
     res = teacher_forced_nll(model, eval_tokens, model.make_cache, max_windows=WINDOWS)
-    cache = model.make_cache()
-    model(mx.array(eval_tokens[None, :1024]), cache=cache)
-    per_token = sum(c.nbytes for c in cache) / 1024 / 30
+    per_token = bytes_per_token(model, model.make_cache, eval_tokens, n=1024) / 30
     delta = res.ppl / fp16.ppl - 1
     print(f"\n{method} {folder.name}: PPL {res.ppl:.3f} (fp16 {fp16.ppl:.3f}, {100 * delta:+.2f}%), "
           f"{per_token:.0f} B/token/layer")

@@ -1,7 +1,8 @@
 """MLX's CPU backend: OpenBLAS for the CLIs and float32 compute.
 
-MLX's Linux CPU wheel links a slow reference BLAS: a 1024×576×1536 fp32 matmul takes ~330 ms with the bundled BLAS and ~28 ms with
-OpenBLAS preloaded, which turns a minutes-long conversion into seconds. The
+MLX's Linux CPU wheel links a slow reference BLAS: a 1024×576×1536 fp32 matmul takes
+~330 ms with it and ~28 ms with OpenBLAS preloaded, which turns a minutes-long
+conversion into seconds. The
 library must be preloaded before the process starts, so the CLI re-executes itself.
 Set VELOX_NO_OPENBLAS=1 to opt out.
 """
