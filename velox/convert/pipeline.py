@@ -18,6 +18,7 @@ from .. import __version__
 from ..cpu import float32_on_cpu
 from ..format import ARTIFACT_FILE, FORMAT_VERSION, sha256_file
 from ..methods import LayerSpec, get_method
+from ..methods.rope import attention_module
 from ..model_cards import render_card
 from ..runtime.loader import resolve_path
 from .calib_data import load_calibration
@@ -57,37 +58,53 @@ def method_bits(name: str, key_bits: Optional[int], value_bits: Optional[int]) -
     module = get_method(name)
     kb = key_bits if key_bits is not None else module.DEFAULT_KEY_BITS
     vb = value_bits if value_bits is not None else module.DEFAULT_VALUE_BITS
-    for what, b in (("key", kb), ("value", vb)):
-        if b not in module.SUPPORTED_BITS:
-            raise ValueError(f"{name}: {what} bits {b} not supported (choose from {module.SUPPORTED_BITS})")
+    for what, b, allowed in (("key", kb, module.SUPPORTED_KEY_BITS), ("value", vb, module.SUPPORTED_VALUE_BITS)):
+        if b not in allowed:
+            raise ValueError(f"{name}: {what} bits {b} not supported (choose from {allowed})")
     return kb, vb
 
 
-def calibrate_method(name: str, acts: list, num_kv_heads: int, head_dim: int, key_bits: int,
-                     value_bits: int, seed: int, progress: bool = True) -> tuple[dict, dict]:
-    """Run one method's calibration on every layer -> (kv_quant method entry, tensors)."""
+def calibrate_method(name: str, acts: list, model, key_bits: int, value_bits: int, seed: int,
+                     options: Optional[dict] = None, progress: bool = True) -> tuple[dict, dict]:
+    """Run one method's calibration on every layer -> (kv_quant method entry, tensors).
+
+    options: keyword arguments of the method's ``calibrate`` (e.g. rabitq's nlist),
+    recorded in the entry.
+    """
     module = get_method(name)
-    layers, tensors = [], {}
+    options = dict(options or {})
+    _, num_kv_heads, head_dim = next(a for a in acts if a is not None).keys.shape
+    layers, tensors, per_layer = [], {}, []
     start = time.perf_counter()
     for i, layer_acts in enumerate(tqdm(acts, desc=f"calibrate {name}", disable=not progress)):
         if layer_acts is None:
             layers.append({"layer": i, "cache": "native"})
             continue
+        t0 = time.perf_counter()
         spec = LayerSpec(layer=i, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                         key_bits=key_bits, value_bits=value_bits, seed=seed)
-        for k, v in module.calibrate(layer_acts, spec).items():
+                         key_bits=key_bits, value_bits=value_bits, seed=seed,
+                         rope=getattr(attention_module(model.layers[i]), "rope", None))
+        for k, v in module.calibrate(layer_acts, spec, **options).items():
             tensors[f"{name}.layers.{i}.{k}"] = v
+        mx.eval(list(tensors.values()))
+        per_layer.append(time.perf_counter() - t0)
         layers.append({"layer": i, "key_bits": key_bits, "value_bits": value_bits})
     entry = {"key_bits": key_bits, "value_bits": value_bits,
-             "fit_seconds": round(time.perf_counter() - start, 2), "layers": layers}
+             "fit_seconds": round(time.perf_counter() - start, 2),
+             "fit_seconds_per_layer_max": round(max(per_layer, default=0.0), 2), "layers": layers}
+    if options:
+        entry["options"] = options
     return entry, tensors
 
 
 def convert(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
             key_bits: Optional[int] = None, value_bits: Optional[int] = None,
             calib_data: Optional[str] = None, calib_tokens: int = 8192, calib_seq_len: int = 512,
-            seed: int = 0, force: bool = False, progress: bool = True) -> dict:
+            seed: int = 0, force: bool = False, progress: bool = True,
+            method_options: Optional[dict[str, dict]] = None) -> dict:
     """Convert ``hf_path`` into a velox folder at ``mlx_path``; returns its kv_quant section.
+
+    method_options: per-method calibration keywords, e.g. ``{"rabitq": {"nlist": 64}}``.
 
     The folder is built in a temporary directory beside the target and renamed into
     place at the end, so a failure leaves nothing behind.
@@ -118,7 +135,7 @@ def convert(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
 
         methods, tensors = {}, {}
         for m in names:
-            entry, t = calibrate_method(m, acts, num_kv_heads, head_dim, *bits[m], seed, progress)
+            entry, t = calibrate_method(m, acts, model, *bits[m], seed, (method_options or {}).get(m), progress)
             methods[m] = entry
             tensors.update(t)
         del acts

@@ -2,18 +2,21 @@
 
 Every method module provides ``calibrate(acts, spec) -> {name: array}``,
 ``make_codecs(tensors, spec) -> (key_codec, value_codec)``, ``DEFAULT_KEY_BITS``,
-``DEFAULT_VALUE_BITS`` and ``SUPPORTED_BITS``. A codec has
+``DEFAULT_VALUE_BITS``, ``SUPPORTED_KEY_BITS`` and ``SUPPORTED_VALUE_BITS``. A codec has
 ``encode(x [B, H, L, D]) -> parts`` and ``decode(*parts) -> x̂``.
 """
 
 from types import ModuleType
 
-from . import spectral, turboquant_mse
+from . import commvq, rabitq, spectral, turboquant_mse, vecinfer
 from .base import LayerActivations, LayerSpec
 
 METHODS: dict[str, ModuleType] = {
+    "commvq": commvq,
+    "rabitq": rabitq,
     "spectral": spectral,
     "turboquant_mse": turboquant_mse,
+    "vecinfer": vecinfer,
 }
 
 

@@ -61,3 +61,48 @@ def attention_mass(acts: LayerActivations) -> np.ndarray:
         probs = scores / scores.sum(axis=-1, keepdims=True)
         out[s:e] = probs.sum(axis=(1, 2)).T
     return out
+
+
+def tensor(tensors: dict, name: str, shape: tuple, dtype=None):
+    """``tensors[name]`` checked against ``shape`` (None = any size); a clear error names it."""
+    from ..format import ARTIFACT_FILE, VeloxFormatError
+
+    if name not in tensors:
+        raise VeloxFormatError(f"{ARTIFACT_FILE}: missing tensor {name!r}")
+    t = tensors[name]
+    ok = len(t.shape) == len(shape) and all(s is None or s == n for s, n in zip(shape, t.shape))
+    if not ok:
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise VeloxFormatError(f"{ARTIFACT_FILE}: tensor {name!r} has shape {list(t.shape)}, expected {want}")
+    return t if dtype is None else t.astype(dtype)
+
+
+def pair_energy(x: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """x [N, ..., D] -> mean energy of each RoPE pair, written to both its dims [..., D].
+
+    RoPE rotates within pairs, so this is the same before and after RoPE.
+    """
+    e = np.mean(x[..., pairs[:, 0]].astype(np.float32) ** 2 + x[..., pairs[:, 1]].astype(np.float32) ** 2, axis=0)
+    out = np.empty(e.shape[:-1] + (x.shape[-1],), np.float32)
+    out[..., pairs[:, 0]] = e
+    out[..., pairs[:, 1]] = e
+    return out
+
+
+def query_energy(acts: LayerActivations, pairs: np.ndarray) -> np.ndarray:
+    """Mean RoPE-pair energy of the calibration queries of each KV head's group -> [H_kv, D]."""
+    Hq, Hk = acts.queries.shape[1], acts.keys.shape[1]
+    e = pair_energy(acts.queries, pairs)  # [Hq, D]
+    return e.reshape(Hk, Hq // Hk, -1).mean(axis=1)
+
+
+def cauchy_schwarz_scale(query_e: np.ndarray, key_e: np.ndarray) -> np.ndarray:
+    """Per-dim key scale s = (E q² / E e²)^(1/4), geometric mean 1 per head: [H, D].
+
+    Coding k·s and reading with q/s leaves q·k unchanged; if the coding error of k·s is
+    spread evenly over dimensions (rotation-based codes), the score error variance is
+    ∝ (Σ s² E e²)(Σ E q² / s²), which this s minimises. Equal within RoPE pairs when
+    both inputs are, so it commutes with RoPE.
+    """
+    s = (np.maximum(query_e, 1e-12) / np.maximum(key_e, 1e-12)) ** 0.25
+    return (s / np.exp(np.mean(np.log(s), axis=-1, keepdims=True))).astype(np.float32)

@@ -49,10 +49,18 @@ class RopeInverse:
         mats = rope_matrices(rope, PROBE_POSITIONS, head_dim)
         off = np.abs(mats).sum(axis=0) * (1 - np.eye(head_dim))
         sign = np.ones(head_dim, dtype=np.float32)
+        pairs, unpaired = [], []
         for i in range(head_dim):
             j = int(np.argmax(off[:, i]))
             if off[j, i] > 1e-6 and j < i:
                 sign[i] = -1.0  # the second member of the pair (j, i)
+                pairs.append((j, i))
+            elif off[j, i] <= 1e-6:
+                unpaired.append(i)  # not rotated (partial rotary): any pairing commutes
+        pairs += list(zip(unpaired[0::2], unpaired[1::2]))
+        # [D/2, 2]: (first, second) of each rotated pair; rope(x)_first + i·rope(x)_second
+        # = (x_first + i·x_second)·e^{iθ}, so a pair behaves as one complex number.
+        self.pairs = np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
         m0 = rope_matrices(rope, (0,), head_dim)[0]
         self.sign = mx.array(sign)
         self.inv_m2 = mx.array((1.0 / np.sum(m0 * m0, axis=0)).astype(np.float32))

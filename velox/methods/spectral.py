@@ -31,7 +31,8 @@ from .scalar import MAX_BITS, ScalarCodec, fit_levels, gaussian_distortion, sphe
 
 DEFAULT_KEY_BITS = 4
 DEFAULT_VALUE_BITS = 4
-SUPPORTED_BITS = (1, 2, 3, 4, 5, 6)
+SUPPORTED_KEY_BITS = (1, 2, 3, 4, 5, 6)
+SUPPORTED_VALUE_BITS = turboquant_mse.SUPPORTED_VALUE_BITS
 PARTS = ("mean", "basis", "scale", "bits", "levels")
 WEIGHT_POWER = 0.5
 

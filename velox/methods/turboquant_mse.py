@@ -17,7 +17,7 @@ from .scalar import ScalarCodec, sphere_levels
 
 DEFAULT_KEY_BITS = 4
 DEFAULT_VALUE_BITS = 4
-SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 8)
+SUPPORTED_KEY_BITS = SUPPORTED_VALUE_BITS = (1, 2, 3, 4, 5, 6, 8)
 
 
 def make_codec(num_heads: int, head_dim: int, bits: int, seed: int) -> ScalarCodec:

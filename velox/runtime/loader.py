@@ -73,6 +73,8 @@ def build_codecs(kvq: dict, method: str, tensors: dict[str, mx.array], model) ->
             codecs.append(module.make_codecs(mine, spec))
         except KeyError as e:
             raise VeloxFormatError(f"{ARTIFACT_FILE}: missing tensor {prefix}{e.args[0]}") from None
+        except VeloxFormatError as e:
+            raise VeloxFormatError(f"{method} layer {spec.layer}: {e}") from None
     return codecs
 
 
