@@ -1,9 +1,12 @@
 """Quantization methods, one module each: calibration, codecs, defaults.
 
-Every method module provides ``calibrate(acts, spec) -> {name: array}``,
+Every method module provides ``calibrate(acts, spec, **options) -> {name: array}``
+(options: method-specific calibration keywords, recorded in kv_quant),
 ``make_codecs(tensors, spec) -> (key_codec, value_codec)``, ``DEFAULT_KEY_BITS``,
 ``DEFAULT_VALUE_BITS``, ``SUPPORTED_KEY_BITS`` and ``SUPPORTED_VALUE_BITS``. A codec has
-``encode(x [B, H, L, D]) -> parts`` and ``decode(*parts) -> x̂``.
+``encode(x [B, H, L, D], offset) -> parts`` and ``decode(*parts, offset) -> x̂``.
+Shared pieces: ``scalar`` (rotated scalar codes, bit packing), ``vq`` (k-means,
+nearest codeword), ``rotation``, ``rope`` (exact RoPE inverse, pre-RoPE coding).
 """
 
 from types import ModuleType

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ..format import ARTIFACT_FILE, VeloxFormatError
+
 
 @dataclass
 class LayerActivations:
@@ -65,8 +67,6 @@ def attention_mass(acts: LayerActivations) -> np.ndarray:
 
 def tensor(tensors: dict, name: str, shape: tuple, dtype=None):
     """``tensors[name]`` checked against ``shape`` (None = any size); a clear error names it."""
-    from ..format import ARTIFACT_FILE, VeloxFormatError
-
     if name not in tensors:
         raise VeloxFormatError(f"{ARTIFACT_FILE}: missing tensor {name!r}")
     t = tensors[name]
@@ -77,16 +77,21 @@ def tensor(tensors: dict, name: str, shape: tuple, dtype=None):
     return t if dtype is None else t.astype(dtype)
 
 
+def to_pairs(per_pair: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """[..., D/2] one value per RoPE pair -> [..., D] with the value on both dims of its pair."""
+    out = np.empty(per_pair.shape[:-1] + (2 * pairs.shape[0],), np.float32)
+    out[..., pairs[:, 0]] = per_pair
+    out[..., pairs[:, 1]] = per_pair
+    return out
+
+
 def pair_energy(x: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """x [N, ..., D] -> mean energy of each RoPE pair, written to both its dims [..., D].
+    """x [N, ..., D] -> mean energy of each RoPE pair, on both its dims [..., D].
 
     RoPE rotates within pairs, so this is the same before and after RoPE.
     """
-    e = np.mean(x[..., pairs[:, 0]].astype(np.float32) ** 2 + x[..., pairs[:, 1]].astype(np.float32) ** 2, axis=0)
-    out = np.empty(e.shape[:-1] + (x.shape[-1],), np.float32)
-    out[..., pairs[:, 0]] = e
-    out[..., pairs[:, 1]] = e
-    return out
+    a, b = x[..., pairs[:, 0]].astype(np.float32), x[..., pairs[:, 1]].astype(np.float32)
+    return to_pairs(np.mean(a * a + b * b, axis=0), pairs)
 
 
 def query_energy(acts: LayerActivations, pairs: np.ndarray) -> np.ndarray:

@@ -18,6 +18,12 @@ EM with soft assignments at an annealed temperature; every M-step is the weighte
 least-squares projection of the soft cluster means onto that structured set (the
 paper's T-matrix step). Encoding is greedy: the nearest of the 256 codewords per stage.
 Values use turboquant_mse.
+
+Measured on SmolLM2 (2-bit keys, 4-bit values): ΔPPL ≈ +27% whatever the calibration
+weighting, query-aware scaling, EM length (6 or 12 steps) or group size (16 or 64
+dims): the tied codewords t_A + i·t_B that buy RoPE commutativity cost accuracy —
+held-out key error 0.0215 vs 0.0163 for free 256-codeword residual VQ and 0.0126 for
+vecinfer's product VQ at the same 2 bits (layer 10, head 0).
 """
 
 from __future__ import annotations
@@ -42,7 +48,6 @@ GROUP_PAIRS = 8     # RoPE pairs per codebook group (16 dims): codes are additiv
 EM_STEPS = 6
 TRAIN_POINTS = 2048  # calibration key directions per head used by EM
 WEIGHT_POWER = 0.5  # calibration keys weighted by √(attention received), as in spectral
-NORM_POWER = 1.0    # ... and by ‖k‖² (the key's error is its norm times the direction's)
 TEMPERATURE = (1.0, 0.01)  # annealed, relative to the mean squared distance to the nearest codeword
 
 
@@ -261,7 +266,7 @@ def calibrate(acts: LayerActivations, spec: LayerSpec, query_aware: bool = True)
     u = k / np.sqrt(np.maximum(norm2, 1e-30))[..., None]
     H, N, D = u.shape
     u = u.reshape(H, N, G, D // G).transpose(0, 2, 1, 3).reshape(H * G, N, D // G)
-    w = np.repeat(weights * norm2 ** NORM_POWER, G, axis=0)
+    w = np.repeat(weights * norm2, G, axis=0)
     books, _ = fit(u, spec.key_bits, w, seed=spec.seed + spec.layer)
     return {"keys.scale": mx.array(scale), "keys.codebooks": mx.array(books.reshape(H, G, *books.shape[1:]))}
 

@@ -10,14 +10,17 @@ log2(K) / d per element (2 bits: 256 centroids over 4 dimensions; 1 bit: 256 ove
 No per-vector norm is kept, so a key costs exactly D·bits/8 bytes. Values use
 turboquant_mse at the value bits.
 
-Two choices differ from the paper, both measured on SmolLM2 (docs/BENCHMARKS.md):
-- keys are coded in the pre-RoPE frame (the cache un-rotates each key at its
-  position; decode re-applies RoPE): codebooks fitted on post-RoPE keys of positions
-  < seq_len do not cover the angles later positions rotate into. λ is shared by the
-  two dimensions of each RoPE pair, so it commutes with RoPE and can still be moved
-  onto the query;
-- k-means weights each calibration key by √(attention it receives), as spectral
-  does, so the rare attention-sink keys get centroids.
+Three choices differ from the paper, each measured on SmolLM2 (2/4 bits, ΔPPL;
+docs/BENCHMARKS.md): post-RoPE as in the paper +68.6%, then
+- keys coded in the pre-RoPE frame (the cache un-rotates each key at its position;
+  decode re-applies RoPE), with k-means weighting each calibration key by √(attention
+  it receives): +24.9%. Codebooks fitted on post-RoPE keys of positions < seq_len do
+  not cover the angles later positions rotate into. λ is shared by the two dimensions
+  of each RoPE pair, so it commutes with RoPE and can still be moved onto the query;
+- λ divided by (E q²)^¼ of the KV group's queries per RoPE pair (query-aware: the
+  paper's λ ≈ (E k²)^¼ is the query-blind case of the Cauchy-Schwarz scale in
+  ``base.cauchy_schwarz_scale``): +10.8%.
+One codebook per KV head measured better than one per layer (+18.6%).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import turboquant_mse
-from .base import LayerActivations, LayerSpec, attention_mass, cauchy_schwarz_scale, query_energy, tensor
+from .base import (LayerActivations, LayerSpec, attention_mass, cauchy_schwarz_scale, query_energy, tensor,
+                   to_pairs)
 from .rope import PreRopeCodec, RopeInverse
 from .rotation import randomized_hadamard
 from .vq import kmeans, nearest
@@ -41,8 +45,7 @@ SUPPORTED_VALUE_BITS = turboquant_mse.SUPPORTED_VALUE_BITS
 GEOMETRY = {1: (8, 256), 2: (4, 256), 3: (2, 64), 4: (2, 256)}
 PER_HEAD = True       # one codebook per KV head (measured better than one per layer)
 TRAIN_POINTS = 4096   # k-means sample per codebook (the heaviest-weighted keys always in)
-WEIGHT_POWER = 0.5
-SMOOTH_FROM = "max"
+WEIGHT_POWER = 0.5    # √ measured better than 1 (+13.5%)
 ENCODE_CHUNK = 1024   # tokens encoded at once (bounds the [L, K] distance matrix)
 
 
@@ -116,15 +119,6 @@ def fit_codebooks(y: np.ndarray, bits: int, weights: np.ndarray | None = None, p
     return cent[None]
 
 
-def pair_max(x: np.ndarray, rope: RopeInverse) -> np.ndarray:
-    """x [..., D] -> x with both members of each RoPE pair set to the pair's maximum."""
-    out = x.copy()
-    m = np.maximum(x[..., rope.pairs[:, 0]], x[..., rope.pairs[:, 1]])
-    out[..., rope.pairs[:, 0]] = m
-    out[..., rope.pairs[:, 1]] = m
-    return out
-
-
 def calibrate(acts: LayerActivations, spec: LayerSpec, query_aware: bool = True,
               per_head: bool = PER_HEAD) -> dict[str, mx.array]:
     """Tensors ``keys.smooth`` [H, D] and ``keys.codebooks`` [H, M, K, d] for one layer."""
@@ -135,10 +129,9 @@ def calibrate(acts: LayerActivations, spec: LayerSpec, query_aware: bool = True,
         raise ValueError("vecinfer codes keys before RoPE and needs the layer's rope module")
     k = acts.keys_pre_rope.astype(np.float32)
     rope = RopeInverse(spec.rope, spec.head_dim)
-    smooth = np.sqrt(np.maximum(pair_max(np.abs(k).max(axis=0), rope), 1e-4))
-    if SMOOTH_FROM == "energy":
-        from .base import pair_energy
-        smooth = 1.0 / cauchy_schwarz_scale(np.ones_like(smooth), pair_energy(k, rope.pairs))
+    peak = np.abs(k).max(axis=0)  # [H, D]
+    peak = to_pairs(np.maximum(peak[:, rope.pairs[:, 0]], peak[:, rope.pairs[:, 1]]), rope.pairs)
+    smooth = np.sqrt(np.maximum(peak, 1e-4))
     if query_aware:
         # λ ≈ (E k²)^(1/4) is the query-blind case of the Cauchy-Schwarz scale; dividing it
         # by (E q²)^(1/4) per RoPE pair moves precision to the pairs queries read.

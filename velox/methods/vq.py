@@ -37,7 +37,7 @@ def kmeans_pp_init(x: mx.array, k: int, key: mx.array, weights: mx.array | None 
     return mx.stack(cent, axis=1)
 
 
-def kmeans(x: np.ndarray, k: int, iters: int = 12, seed: int = 0, init_sample: int = 1024,
+def kmeans(x: np.ndarray, k: int, iters: int = 8, seed: int = 0, init_sample: int = 1024,
            tol: float = 1e-3, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd's k-means on G independent problems at once, on MLX's default device.
 
