@@ -141,7 +141,7 @@ def peer_vq_caches(model, acts, kind: str, key_bits: int):
 
     from velox.methods import turboquant_mse
     from velox.methods.base import LayerSpec
-    from velox.methods.rope import RopeInverse, attention_module
+    from velox.methods.rope import RopeInverse, layer_rope
     from velox.runtime.cache import VeloxKVCache
 
     codecs = []
@@ -157,7 +157,7 @@ def peer_vq_caches(model, acts, kind: str, key_bits: int):
                                     n_em_iters=PEER_COMMVQ_EM_ITERS)
                 q.fit(mx.array(a.keys_pre_rope[:, h].astype(np.float32)), max_samples=PEER_COMMVQ_SAMPLES)
             qs.append(q)
-        rope = RopeInverse(attention_module(model.layers[i]).rope, 64)
+        rope = RopeInverse(layer_rope(model, i), 64)
         spec = LayerSpec(layer=i, num_kv_heads=len(qs), head_dim=64, key_bits=4, value_bits=4)
         codecs.append((PeerKeyCodec(qs, kind, rope), turboquant_mse.make_codecs({}, spec)[1]))
     return lambda: [VeloxKVCache(k, v, method=f"peer {kind}") for k, v in codecs]

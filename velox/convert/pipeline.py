@@ -18,7 +18,7 @@ from .. import __version__
 from ..cpu import float32_on_cpu
 from ..format import ARTIFACT_FILE, FORMAT_VERSION, sha256_file
 from ..methods import LayerSpec, get_method
-from ..methods.rope import attention_module
+from ..methods.rope import layer_rope
 from ..model_cards import render_card
 from ..runtime.loader import resolve_path
 from .calib_data import load_calibration
@@ -83,10 +83,10 @@ def calibrate_method(name: str, acts: list, model, key_bits: int, value_bits: in
         t0 = time.perf_counter()
         spec = LayerSpec(layer=i, num_kv_heads=num_kv_heads, head_dim=head_dim,
                          key_bits=key_bits, value_bits=value_bits, seed=seed,
-                         rope=getattr(attention_module(model.layers[i]), "rope", None))
-        for k, v in module.calibrate(layer_acts, spec, **options).items():
-            tensors[f"{name}.layers.{i}.{k}"] = v
-        mx.eval(list(tensors.values()))
+                         rope=layer_rope(model, i))
+        fitted = module.calibrate(layer_acts, spec, **options)
+        mx.eval(list(fitted.values()))  # so the time is this layer's
+        tensors.update({f"{name}.layers.{i}.{k}": v for k, v in fitted.items()})
         per_layer.append(time.perf_counter() - t0)
         layers.append({"layer": i, "key_bits": key_bits, "value_bits": value_bits})
     entry = {"key_bits": key_bits, "value_bits": value_bits,

@@ -20,6 +20,11 @@ def attention_module(layer):
     raise ValueError(f"cannot find the attention module of {type(layer).__name__}")
 
 
+def layer_rope(model, layer: int):
+    """The rope module of ``model.layers[layer]``'s attention, or None if it has none."""
+    return getattr(attention_module(model.layers[layer]), "rope", None)
+
+
 def rope_matrices(rope, positions, head_dim: int) -> np.ndarray:
     """M [P, D, D] with rope(k at position p) = M[p] @ k, probed from the module itself.
 

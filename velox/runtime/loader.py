@@ -14,7 +14,7 @@ from mlx_lm.utils import load as mlx_lm_load
 from ..cpu import float32_on_cpu
 from ..format import ARTIFACT_FILE, VeloxFormatError, check_artifacts, validate_kv_quant
 from ..methods import METHODS, LayerSpec, get_method
-from ..methods.rope import attention_module
+from ..methods.rope import layer_rope
 from .cache import VeloxKVCache
 
 
@@ -55,7 +55,7 @@ def layer_specs(kvq: dict, method: str, model) -> list[Optional[LayerSpec]]:
         specs.append(LayerSpec(layer=entry["layer"], num_kv_heads=int(model_info["num_kv_heads"]),
                                head_dim=int(model_info["head_dim"]), key_bits=entry["key_bits"],
                                value_bits=entry["value_bits"], seed=seed,
-                               rope=getattr(attention_module(model.layers[entry["layer"]]), "rope", None)))
+                               rope=layer_rope(model, entry["layer"])))
     return specs
 
 
