@@ -127,3 +127,23 @@ def test_generate_cli_reports_kv_bytes(converted, capsys):
     assert generate_main(["--model", str(converted), "--prompt", "Hi", "--max-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "KV cache:" in out and "smaller" in out
+
+
+def test_kv_sink_keeps_first_tokens_in_fp16_and_counts_them(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "sink"
+    assert convert_main(["--hf-path", str(tiny_llama), "--mlx-path", str(out), "--kv", "turboquant_mse",
+                         "--kv-sink", "4", *CALIB]) == 0
+    assert json.loads((out / "config.json").read_text())["kv_quant"]["methods"]["turboquant_mse"]["sink"] == 4
+    model, _ = velox.load(str(out))
+    cache = model.make_cache()
+    model(mx.array([[1, 2, 3, 4, 5, 6, 7, 8]]), cache=cache)
+    c = cache[0]
+    assert c.sink == 4 and c.offset == 8
+    k, _ = c._fetch(mx.float32)
+    assert k.shape[2] == 8
+    # the sink tokens are held exactly (fp16) next to the codes of the other 4
+    assert c.sink_keys.dtype == mx.float16 and c.sink_keys.shape[2] == 4
+    assert c.nbytes == sum(b.nbytes for b in c.keys + c.values) + c.sink_keys.nbytes + c.sink_values.nbytes
+    assert convert_main(["--hf-path", str(tiny_llama), "--mlx-path", str(tmp_path / "bad"), "--kv", "turboquant_mse",
+                         "--kv-sink", "-1", *CALIB]) == 2
+    assert "--kv-sink must be in 0..4096" in capsys.readouterr().err

@@ -37,6 +37,8 @@ def mutate(path, value):
     (["artifacts"], [{"file": "../../etc/passwd", "sha256": "x"}], "artifacts\\[0\\]"),
     (["model", "head_dim"], -64, "positive integers num_kv_heads and head_dim"),
     (["model", "num_layers"], 30, "model.num_layers is 30 but the model has 2 layers"),
+    (["methods", "spectral", "sink"], -1, "methods.spectral.sink must be an integer in 0..4096"),
+    (["methods", "spectral", "sink"], 10**9, "sink must be an integer"),
 ])
 def test_invalid_fields_are_named(path, value, message):
     with pytest.raises(VeloxFormatError, match=message):

@@ -13,6 +13,7 @@ from typing import Any
 FORMAT_VERSION = 1
 ARTIFACT_FILE = "kv_quant.safetensors"
 MAX_BITS = 8
+MAX_SINK = 4096  # fp16 attention-sink tokens a cache may keep
 
 
 class VeloxFormatError(ValueError):
@@ -57,6 +58,9 @@ def validate_kv_quant(kvq: Any, num_layers: int, known_methods: set[str]) -> dic
         _require(name in known_methods,
                  f"unknown method {name!r} (this velox knows {', '.join(sorted(known_methods))})")
         _require(isinstance(entry, dict), f"methods.{name} must be an object")
+        sink = entry.get("sink", 0)
+        _require(isinstance(sink, int) and not isinstance(sink, bool) and 0 <= sink <= MAX_SINK,
+                 f"methods.{name}.sink must be an integer in 0..{MAX_SINK}, got {sink!r}")
         layers = entry.get("layers")
         _require(isinstance(layers, list) and len(layers) == num_layers,
                  f"methods.{name}.layers must list all {num_layers} layers of the model "

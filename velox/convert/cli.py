@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(available: {', '.join(sorted(METHODS))})")
     p.add_argument("--kv-key-bits", type=int, default=None, help="key bits per element (default: per method)")
     p.add_argument("--kv-value-bits", type=int, default=None, help="value bits per element (default: per method)")
+    p.add_argument("--kv-sink", type=int, default=0,
+                   help="keep the first N tokens of every sequence in fp16 (attention sinks; default 0)")
     p.add_argument("--rabitq-nlist", type=int, default=None,
                    help="rabitq: IVF centroids per KV head, 1..256 (default: 64)")
     p.add_argument("--calib-data", default=None,
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         kvq = convert(args.hf_path, args.mlx_path, kv=args.kv, key_bits=args.kv_key_bits,
                       value_bits=args.kv_value_bits, calib_data=args.calib_data,
                       calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
-                      seed=args.seed, force=args.force, progress=not args.quiet,
+                      seed=args.seed, force=args.force, progress=not args.quiet, sink=args.kv_sink,
                       method_options={"rabitq": {"nlist": args.rabitq_nlist}} if args.rabitq_nlist else None)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"velox-convert: error: {e}", file=sys.stderr)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..cpu import float32_on_cpu
-from ..format import ARTIFACT_FILE, FORMAT_VERSION, sha256_file
+from ..format import ARTIFACT_FILE, FORMAT_VERSION, MAX_SINK, sha256_file
 from ..methods import LayerSpec, get_method
 from ..methods.rope import layer_rope
 from ..model_cards import render_card
@@ -101,10 +101,11 @@ def convert(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
             key_bits: Optional[int] = None, value_bits: Optional[int] = None,
             calib_data: Optional[str] = None, calib_tokens: int = 8192, calib_seq_len: int = 512,
             seed: int = 0, force: bool = False, progress: bool = True,
-            method_options: Optional[dict[str, dict]] = None) -> dict:
+            method_options: Optional[dict[str, dict]] = None, sink: int = 0) -> dict:
     """Convert ``hf_path`` into a velox folder at ``mlx_path``; returns its kv_quant section.
 
     method_options: per-method calibration keywords, e.g. ``{"rabitq": {"nlist": 64}}``.
+    sink: the first ``sink`` tokens stay in fp16 in every method's caches (recorded per method).
 
     The folder is built in a temporary directory beside the target and renamed into
     place at the end, so a failure leaves nothing behind.
@@ -114,6 +115,8 @@ def convert(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
         raise FileExistsError(f"{target} already exists (use --force to replace it)")
     names = parse_methods(kv)
     bits = {m: method_bits(m, key_bits, value_bits) for m in names}
+    if not 0 <= sink <= MAX_SINK:
+        raise ValueError(f"--kv-sink must be in 0..{MAX_SINK}, got {sink}")
 
     src = resolve_path(hf_path)
     model, tokenizer, config = mlx_lm_load(str(src), return_config=True)
@@ -136,6 +139,8 @@ def convert(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
         methods, tensors = {}, {}
         for m in names:
             entry, t = calibrate_method(m, acts, model, *bits[m], seed, (method_options or {}).get(m), progress)
+            if sink:
+                entry["sink"] = sink
             methods[m] = entry
             tensors.update(t)
         del acts

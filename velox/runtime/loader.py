@@ -88,6 +88,7 @@ def install_kv_caches(model, folder: Path, kvq: dict, method: Optional[str] = No
     path = Path(folder) / ARTIFACT_FILE
     tensors = mx.load(str(path)) if path.exists() else {}
     codecs = build_codecs(kvq, method, tensors, model)
+    sink = int(kvq["methods"][method].get("sink", 0))
     # Keep the model's own factory across repeated installs (another method, another folder).
     if not hasattr(model, "_velox_native_make_cache"):
         model._velox_native_make_cache = getattr(model, "make_cache", None)
@@ -95,7 +96,7 @@ def install_kv_caches(model, folder: Path, kvq: dict, method: Optional[str] = No
 
     def make_cache() -> list[Any]:
         native = native_make_cache() if native_make_cache else [KVCache() for _ in model.layers]
-        return [VeloxKVCache(*c, method=method) if c is not None and type(n) is KVCache else n
+        return [VeloxKVCache(*c, method=method, sink=sink) if c is not None and type(n) is KVCache else n
                 for c, n in zip(codecs, native)]
 
     model.make_cache = make_cache
