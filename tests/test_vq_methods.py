@@ -11,6 +11,7 @@ from velox.format import VeloxFormatError
 from velox.methods import commvq, rabitq, turboquant_mse, vecinfer
 from velox.methods.base import LayerActivations, LayerSpec
 from velox.methods.rope import RopeInverse
+from velox.methods.rotation import randomized_hadamard
 from velox.methods.vq import kmeans
 
 H, D = 2, 64
@@ -135,7 +136,7 @@ def test_commvq_m_step_recovers_a_structured_codebook():
 def test_rabitq_estimator_is_unbiased_and_within_the_papers_bound():
     rng = np.random.default_rng(0)
     n, d = 4000, 64
-    codec = rabitq.RaBitQCodec(mx.zeros((1, 1, d)), rabitq.randomized_hadamard(d, 3))
+    codec = rabitq.RaBitQCodec(mx.zeros((1, 1, d)), randomized_hadamard(d, 3))
     o = rng.standard_normal((n, d)).astype(np.float32)
     o /= np.linalg.norm(o, axis=1, keepdims=True)
     q = rng.standard_normal((n, d)).astype(np.float32)

@@ -37,7 +37,7 @@ from . import turboquant_mse
 from .base import (LayerActivations, LayerSpec, attention_mass, cauchy_schwarz_scale, pair_energy,
                    query_energy, tensor)
 from .rope import PreRopeCodec, RopeInverse
-from .vecinfer import train_sample
+from .vq import train_sample
 
 DEFAULT_KEY_BITS = 2
 DEFAULT_VALUE_BITS = 4

@@ -37,7 +37,7 @@ from . import turboquant_mse
 from .base import (LayerActivations, LayerSpec, attention_mass, cauchy_schwarz_scale, pair_energy,
                    query_energy, tensor)
 from .rope import PreRopeCodec, RopeInverse
-from .rotation import randomized_hadamard
+from .rotation import layer_rotation
 from .scalar import PackLayout, pack, unpack
 from .vq import kmeans, nearest
 
@@ -107,10 +107,6 @@ class RaBitQCodec:
         return c_part + factor[:, :, None, :].astype(mx.float32) * ip_oq
 
 
-def key_rotation(spec: LayerSpec) -> mx.array:
-    return randomized_hadamard(spec.head_dim, spec.seed * 1000 + spec.layer * 2)
-
-
 def calibrate(acts: LayerActivations, spec: LayerSpec, nlist: int = DEFAULT_NLIST,
               scale_for_queries: bool = True) -> dict[str, mx.array]:
     """Tensors ``keys.scale`` [H, D] and ``keys.centroids`` [H, nlist, D] (in the scaled
@@ -141,6 +137,7 @@ def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[PreRopeC
     if not 1 <= cent.shape[1] <= 256:
         raise VeloxFormatError(f"rabitq: keys.centroids holds {cent.shape[1]} centroids per head (1..256 allowed)")
     scale = tensor(tensors, "keys.scale", (spec.num_kv_heads, spec.head_dim), mx.float32)
-    keys = PreRopeCodec(RaBitQCodec(cent, key_rotation(spec), scale), RopeInverse(spec.rope, spec.head_dim))
+    keys = PreRopeCodec(RaBitQCodec(cent, layer_rotation(spec, 0), scale),
+                        RopeInverse(spec.rope, spec.head_dim))
     _, values = turboquant_mse.make_codecs({}, spec)
     return keys, values

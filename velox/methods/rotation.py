@@ -22,3 +22,13 @@ def randomized_hadamard(dim: int, seed: int) -> mx.array:
     except ValueError:
         q, r = np.linalg.qr(rng.standard_normal((dim, dim)))
         return mx.array((q * np.sign(np.diag(r))).astype(np.float32))
+
+
+def layer_seed(seed: int, layer: int, part: int) -> int:
+    """Seed of one layer's rotation: part 0 for keys, 1 for values (rebuilt at load time)."""
+    return seed * 1000 + layer * 2 + part
+
+
+def layer_rotation(spec, part: int) -> mx.array:
+    """[D, D] seeded rotation of one layer's keys (part 0) or values (part 1); spec: a LayerSpec."""
+    return randomized_hadamard(spec.head_dim, layer_seed(spec.seed, spec.layer, part))

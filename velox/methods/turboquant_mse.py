@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 
 from .base import LayerActivations, LayerSpec
-from .rotation import randomized_hadamard
+from .rotation import layer_seed, randomized_hadamard
 from .scalar import ScalarCodec, sphere_levels
 
 DEFAULT_KEY_BITS = 4
@@ -41,5 +41,5 @@ def calibrate(acts: LayerActivations, spec: LayerSpec) -> dict[str, mx.array]:
 def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[ScalarCodec, ScalarCodec]:
     """(key codec, value codec) for one layer; K and V get different rotations."""
     H, D = spec.num_kv_heads, spec.head_dim
-    seed = spec.seed * 1000 + spec.layer * 2
-    return make_codec(H, D, spec.key_bits, seed), make_codec(H, D, spec.value_bits, seed + 1)
+    return (make_codec(H, D, spec.key_bits, layer_seed(spec.seed, spec.layer, 0)),
+            make_codec(H, D, spec.value_bits, layer_seed(spec.seed, spec.layer, 1)))

@@ -34,8 +34,8 @@ from . import turboquant_mse
 from .base import (LayerActivations, LayerSpec, attention_mass, cauchy_schwarz_scale, query_energy, tensor,
                    to_pairs)
 from .rope import PreRopeCodec, RopeInverse
-from .rotation import randomized_hadamard
-from .vq import kmeans, nearest
+from .rotation import layer_rotation
+from .vq import kmeans, nearest, train_sample
 
 DEFAULT_KEY_BITS = 2
 DEFAULT_VALUE_BITS = 4
@@ -83,21 +83,6 @@ class ProductCodec:
         return (y.reshape(B, H, L, -1) @ self.rotation.T) * self.smooth[:, None, :]
 
 
-def key_rotation(spec: LayerSpec) -> mx.array:
-    """The layer's seeded key rotation (rebuilt at load time, not stored)."""
-    return randomized_hadamard(spec.head_dim, spec.seed * 1000 + spec.layer * 2)
-
-
-def train_sample(weights: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices of ``size`` points: the top 1/8 by weight, the rest uniformly at random."""
-    n = len(weights)
-    if n <= size:
-        return np.arange(n)
-    top = np.argsort(-weights)[: size // 8]
-    rest = np.setdiff1d(np.arange(n), top)
-    return np.sort(np.concatenate([top, rng.choice(rest, size=size - len(top), replace=False)]))
-
-
 def fit_codebooks(y: np.ndarray, bits: int, weights: np.ndarray | None = None, per_head: bool = PER_HEAD,
                   seed: int = 0) -> np.ndarray:
     """y [N, H, D] smoothed and rotated; weights [N, H] -> codebooks [H, M, K, d] (shared: [1, M, K, d])."""
@@ -136,7 +121,7 @@ def calibrate(acts: LayerActivations, spec: LayerSpec, query_aware: bool = True,
         # λ ≈ (E k²)^(1/4) is the query-blind case of the Cauchy-Schwarz scale; dividing it
         # by (E q²)^(1/4) per RoPE pair moves precision to the pairs queries read.
         smooth = smooth / cauchy_schwarz_scale(query_energy(acts, rope.pairs), np.ones_like(smooth))
-    y = (k / smooth) @ np.array(key_rotation(spec))
+    y = (k / smooth) @ np.array(layer_rotation(spec, 0))
     weights = attention_mass(acts) ** WEIGHT_POWER
     books = fit_codebooks(y, spec.key_bits, weights, per_head, seed=spec.seed + spec.layer)
     return {"keys.smooth": mx.array(smooth), "keys.codebooks": mx.array(books)}
@@ -152,6 +137,6 @@ def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[PreRopeC
     if books.shape[0] not in (1, H):
         books = tensor(tensors, "keys.codebooks", (H, D // d, K, d))
     inner = ProductCodec(smooth=tensor(tensors, "keys.smooth", (H, D), mx.float32),
-                         rotation=key_rotation(spec), codebooks=mx.broadcast_to(books, (H, D // d, K, d)))
+                         rotation=layer_rotation(spec, 0), codebooks=mx.broadcast_to(books, (H, D // d, K, d)))
     _, values = turboquant_mse.make_codecs({}, spec)
     return PreRopeCodec(inner, RopeInverse(spec.rope, spec.head_dim)), values

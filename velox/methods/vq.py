@@ -80,3 +80,13 @@ def nearest(x: mx.array, codebook: mx.array) -> mx.array:
     scores = x @ mx.swapaxes(codebook, -1, -2) - 0.5 * mx.sum(codebook * codebook, -1)[..., None, :]
     idx = mx.argmax(scores, axis=-1)
     return idx.astype(mx.uint8 if codebook.shape[-2] <= 256 else mx.uint32)
+
+
+def train_sample(weights: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``size`` points: the top 1/8 by weight, the rest uniformly at random."""
+    n = len(weights)
+    if n <= size:
+        return np.arange(n)
+    top = np.argsort(-weights)[: size // 8]
+    rest = np.setdiff1d(np.arange(n), top)
+    return np.sort(np.concatenate([top, rng.choice(rest, size=size - len(top), replace=False)]))
