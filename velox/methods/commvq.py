@@ -36,8 +36,8 @@ import numpy as np
 from . import turboquant_mse
 from .base import (LayerActivations, LayerSpec, attention_mass, cauchy_schwarz_scale, pair_energy,
                    query_energy, tensor)
-from .rope import PreRopeCodec, RopeInverse
-from .vq import train_sample
+from .rope import PreRopeCodec, RopeInverse, spec_rope
+from .vq import take_per_head, train_sample
 
 DEFAULT_KEY_BITS = 2
 DEFAULT_VALUE_BITS = 4
@@ -117,7 +117,7 @@ class CommVQCodec:
             dist = self.cw_norm[:, s][:, None] - 2 * (a[..., :, None] + b[..., None, :])  # [B, H, L, K, K]
             code = mx.argmin(dist.reshape(*dist.shape[:3], K * K), axis=-1)
             A, Bc = code // K, code % K
-            r = r - self._pick(U, A) - self._pick(V, Bc)
+            r = r - take_per_head(U, A) - take_per_head(V, Bc)
             codes.append(code.astype(mx.uint8))
         codes = mx.stack(codes, axis=-1)  # [B, H·G, L, S]
         B, _, L, _ = codes.shape
@@ -129,12 +129,6 @@ class CommVQCodec:
         B, H, L, D = x.shape
         G = self.groups
         return x.reshape(B, H, L, G, D // G).transpose(0, 1, 3, 2, 4).reshape(B, H * G, L, D // G)
-
-    @staticmethod
-    def _pick(W: mx.array, idx: mx.array) -> mx.array:
-        """W [H, K, D], idx [B, H, L] -> W[h, idx] [B, H, L, D]."""
-        H, K, D = W.shape
-        return mx.take(W.reshape(H * K, D), (mx.arange(H)[:, None] * K + idx).astype(mx.uint32), axis=0)
 
     def decode(self, codes: mx.array, norms: mx.array, offset: int = 0) -> mx.array:
         """(codes [B, H, L, S], norms [B, H, L]) -> pre-RoPE keys [B, H, L, D] float32."""
@@ -191,12 +185,12 @@ def fit_stage(z: np.ndarray, w: np.ndarray, rng: np.random.Generator) -> tuple[n
     start = z[:, rng.choice(N, size=K * K, replace=N < K * K)].reshape(G, K, K, D)
     t = _project(np.ones((G, K, K)), start.sum(2)[..., :P], start.sum(2)[..., P:],
                  start.sum(1)[..., :P], start.sum(1)[..., P:])
-    d = _dists(z, t)
-    scale = float((d.reshape(G, N, -1).min(-1) * w).sum() / G) + 1e-12
     best, best_err = t, np.inf
     for step in range(EM_STEPS):
         d = _dists(z, t).reshape(G, N, K * K)
         err = float((d.min(-1) * w).sum() / G)
+        if step == 0:
+            scale = err + 1e-12  # temperatures are relative to the starting error
         if err < best_err:
             best, best_err = t, err
         temp = scale * TEMPERATURE[0] * (TEMPERATURE[1] / TEMPERATURE[0]) ** (step / max(EM_STEPS - 1, 1))
@@ -245,11 +239,9 @@ def calibrate(acts: LayerActivations, spec: LayerSpec, query_aware: bool = True)
     energies (velox's addition; a real per-pair scale keeps codewords t_A + i·t_B in the
     structured set, so commutativity with RoPE is kept). Off: scale 1.
     """
-    if spec.rope is None:
-        raise ValueError("commvq needs the layer's rope module to pair dimensions")
+    rope = spec_rope(spec, "commvq")
     if spec.head_dim * spec.key_bits % 8:
         raise ValueError(f"commvq: head_dim × bits must be a multiple of 8, got {spec.head_dim} × {spec.key_bits}")
-    rope = RopeInverse(spec.rope, spec.head_dim)
     G = groups(spec.head_dim)
     perm = pair_permutation(rope, G)
     k = acts.keys_pre_rope.astype(np.float32)
@@ -273,9 +265,7 @@ def calibrate(acts: LayerActivations, spec: LayerSpec, query_aware: bool = True)
 
 def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[PreRopeCodec, object]:
     """(key codec, value codec) for one layer; ``spec.rope`` is the layer's rope module."""
-    if spec.rope is None:
-        raise ValueError("commvq codes keys before RoPE and needs the layer's rope module")
-    rope = RopeInverse(spec.rope, spec.head_dim)
+    rope = spec_rope(spec, "commvq")
     G = groups(spec.head_dim)
     books = tensor(tensors, "keys.codebooks", (spec.num_kv_heads, G, stages(spec.head_dim, spec.key_bits), HALF,
                                                spec.head_dim // G), mx.float32)

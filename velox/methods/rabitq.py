@@ -36,10 +36,10 @@ from ..format import VeloxFormatError
 from . import turboquant_mse
 from .base import (LayerActivations, LayerSpec, attention_mass, cauchy_schwarz_scale, pair_energy,
                    query_energy, tensor)
-from .rope import PreRopeCodec, RopeInverse
+from .rope import PreRopeCodec, spec_rope
 from .rotation import layer_rotation
 from .scalar import PackLayout, pack, unpack
-from .vq import kmeans, nearest
+from .vq import kmeans, nearest, take_per_head
 
 DEFAULT_KEY_BITS = 1
 DEFAULT_VALUE_BITS = 4
@@ -59,13 +59,8 @@ class RaBitQCodec:
     scale: mx.array | None = None
 
     def __post_init__(self):
-        H, C, D = self.centroids.shape
+        H, _, D = self.centroids.shape
         self.layout = PackLayout.from_bits(np.ones((H, D), dtype=np.int64))
-        self.flat = self.centroids.reshape(H * C, D)
-        self.base = (mx.arange(H) * C)[:, None].astype(mx.uint32)  # [H, 1]
-
-    def _centroid(self, ids: mx.array) -> mx.array:
-        return mx.take(self.flat, self.base + ids.astype(mx.uint32), axis=0)
 
     def encode_with_ip(self, x: mx.array) -> tuple[tuple[mx.array, mx.array, mx.array], mx.array]:
         """x [B, H, L, D] -> ((words [B, H, L, D/32] uint32, ids [B, H, L] uint8,
@@ -74,7 +69,7 @@ class RaBitQCodec:
         if self.scale is not None:
             x = x * self.scale[:, None, :]
         ids = nearest(x, self.centroids)
-        r = x - self._centroid(ids)
+        r = x - take_per_head(self.centroids, ids)
         norm = mx.sqrt(mx.sum(r * r, axis=-1))
         y = (r / mx.maximum(norm, 1e-20)[..., None]) @ self.rotation
         ip = mx.sum(mx.abs(y), axis=-1) / math.sqrt(x.shape[-1])  # ⟨ō, o⟩ ∈ (0, 1]
@@ -91,7 +86,7 @@ class RaBitQCodec:
         D = self.centroids.shape[-1]
         signs = unpack(words, self.layout).astype(mx.float32) * 2.0 - 1.0
         o_bar = (signs / math.sqrt(D)) @ self.rotation.T
-        k = self._centroid(ids) + factor[..., None].astype(mx.float32) * o_bar
+        k = take_per_head(self.centroids, ids) + factor[..., None].astype(mx.float32) * o_bar
         return k if self.scale is None else k / self.scale[:, None, :]
 
     def inner_products(self, q: mx.array, words: mx.array, ids: mx.array, factor: mx.array) -> mx.array:
@@ -113,8 +108,7 @@ def calibrate(acts: LayerActivations, spec: LayerSpec, nlist: int = DEFAULT_NLIS
     pre-RoPE space): weighted k-means of the pre-RoPE keys per head."""
     if not 1 <= nlist <= 256:
         raise ValueError(f"rabitq: nlist must be in 1..256, got {nlist}")
-    if spec.rope is None:
-        raise ValueError("rabitq codes keys before RoPE and needs the layer's rope module")
+    rope = spec_rope(spec, "rabitq")
     k = acts.keys_pre_rope.astype(np.float32)                      # [N, H, D]
     weights = (attention_mass(acts) ** WEIGHT_POWER).T             # [H, N]
     seed = spec.seed + spec.layer
@@ -122,22 +116,19 @@ def calibrate(acts: LayerActivations, spec: LayerSpec, nlist: int = DEFAULT_NLIS
     if scale_for_queries:
         cent, labels = kmeans(k.transpose(1, 0, 2), nlist, seed=seed, weights=weights)
         residual = k - np.take_along_axis(cent, labels[..., None], 1).transpose(1, 0, 2)
-        pairs = RopeInverse(spec.rope, spec.head_dim).pairs
         # RaBitQ's error is spread evenly by the random rotation: Cauchy-Schwarz scaling applies.
-        scale = cauchy_schwarz_scale(query_energy(acts, pairs), pair_energy(residual, pairs))
+        scale = cauchy_schwarz_scale(query_energy(acts, rope.pairs), pair_energy(residual, rope.pairs))
     cent, _ = kmeans((k * scale).transpose(1, 0, 2), nlist, seed=seed, weights=weights)
     return {"keys.scale": mx.array(scale), "keys.centroids": mx.array(cent)}
 
 
 def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[PreRopeCodec, object]:
     """(key codec, value codec) for one layer; ``spec.rope`` is the layer's rope module."""
-    if spec.rope is None:
-        raise ValueError("rabitq codes keys before RoPE and needs the layer's rope module")
+    rope = spec_rope(spec, "rabitq")
     cent = tensor(tensors, "keys.centroids", (spec.num_kv_heads, None, spec.head_dim), mx.float32)
     if not 1 <= cent.shape[1] <= 256:
         raise VeloxFormatError(f"rabitq: keys.centroids holds {cent.shape[1]} centroids per head (1..256 allowed)")
     scale = tensor(tensors, "keys.scale", (spec.num_kv_heads, spec.head_dim), mx.float32)
-    keys = PreRopeCodec(RaBitQCodec(cent, layer_rotation(spec, 0), scale),
-                        RopeInverse(spec.rope, spec.head_dim))
+    keys = PreRopeCodec(RaBitQCodec(cent, layer_rotation(spec, 0), scale), rope)
     _, values = turboquant_mse.make_codecs({}, spec)
     return keys, values

@@ -79,6 +79,13 @@ class RopeInverse:
         return self.sign * self.module(self.sign * x, offset=offset) * self.inv_m2
 
 
+def spec_rope(spec, method: str) -> RopeInverse:
+    """The RopeInverse of a LayerSpec's rope module; a clear error if the layer has none."""
+    if spec.rope is None:
+        raise ValueError(f"{method} codes keys before RoPE and needs the layer's rope module")
+    return RopeInverse(spec.rope, spec.head_dim)
+
+
 @dataclass
 class PreRopeCodec:
     """Codes post-RoPE keys in the pre-RoPE frame: un-rotate on encode, re-rotate on decode."""

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import turboquant_mse
 from .base import LayerActivations, LayerSpec, attention_mass
-from .rope import PreRopeCodec, RopeInverse
+from .rope import PreRopeCodec, spec_rope
 from .scalar import MAX_BITS, ScalarCodec, fit_levels, gaussian_distortion, sphere_levels
 
 DEFAULT_KEY_BITS = 4
@@ -113,9 +113,7 @@ def codec_from_tensors(t: dict[str, mx.array]) -> ScalarCodec:
 
 def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[PreRopeCodec, ScalarCodec]:
     """(key codec, value codec) for one layer; ``spec.rope`` is the layer's rope module."""
-    if spec.rope is None:
-        raise ValueError("spectral codes keys before RoPE and needs the layer's rope module")
     keys = PreRopeCodec(codec_from_tensors({p: tensors[f"keys.{p}"] for p in PARTS}),
-                        RopeInverse(spec.rope, spec.head_dim))
+                        spec_rope(spec, "spectral"))
     _, values = turboquant_mse.make_codecs({}, spec)
     return keys, values

@@ -33,7 +33,7 @@ import numpy as np
 from . import turboquant_mse
 from .base import (LayerActivations, LayerSpec, attention_mass, cauchy_schwarz_scale, query_energy, tensor,
                    to_pairs)
-from .rope import PreRopeCodec, RopeInverse
+from .rope import PreRopeCodec, spec_rope
 from .rotation import layer_rotation
 from .vq import kmeans, nearest, train_sample
 
@@ -110,10 +110,8 @@ def calibrate(acts: LayerActivations, spec: LayerSpec, query_aware: bool = True,
     if spec.head_dim % GEOMETRY[spec.key_bits][0]:
         raise ValueError(f"vecinfer: head_dim {spec.head_dim} is not a multiple of the "
                          f"{GEOMETRY[spec.key_bits][0]}-dim sub-vectors of {spec.key_bits}-bit keys")
-    if spec.rope is None:
-        raise ValueError("vecinfer codes keys before RoPE and needs the layer's rope module")
+    rope = spec_rope(spec, "vecinfer")
     k = acts.keys_pre_rope.astype(np.float32)
-    rope = RopeInverse(spec.rope, spec.head_dim)
     peak = np.abs(k).max(axis=0)  # [H, D]
     peak = to_pairs(np.maximum(peak[:, rope.pairs[:, 0]], peak[:, rope.pairs[:, 1]]), rope.pairs)
     smooth = np.sqrt(np.maximum(peak, 1e-4))
@@ -129,8 +127,7 @@ def calibrate(acts: LayerActivations, spec: LayerSpec, query_aware: bool = True,
 
 def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[PreRopeCodec, object]:
     """(key codec, value codec) for one layer; ``spec.rope`` is the layer's rope module."""
-    if spec.rope is None:
-        raise ValueError("vecinfer codes keys before RoPE and needs the layer's rope module")
+    rope = spec_rope(spec, "vecinfer")
     H, D = spec.num_kv_heads, spec.head_dim
     d, K = GEOMETRY[spec.key_bits]
     books = tensor(tensors, "keys.codebooks", (None, D // d, K, d), mx.float32)
@@ -139,4 +136,4 @@ def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[PreRopeC
     inner = ProductCodec(smooth=tensor(tensors, "keys.smooth", (H, D), mx.float32),
                          rotation=layer_rotation(spec, 0), codebooks=mx.broadcast_to(books, (H, D // d, K, d)))
     _, values = turboquant_mse.make_codecs({}, spec)
-    return PreRopeCodec(inner, RopeInverse(spec.rope, spec.head_dim)), values
+    return PreRopeCodec(inner, rope), values

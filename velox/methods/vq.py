@@ -75,6 +75,12 @@ def kmeans(x: np.ndarray, k: int, iters: int = 8, seed: int = 0, init_sample: in
     return (cent[0], labels[0]) if squeeze else (cent, labels)
 
 
+def take_per_head(table: mx.array, idx: mx.array) -> mx.array:
+    """Per-head codeword lookup: table [H, K, d], idx [B, H, L] -> table[h, idx] [B, H, L, d]."""
+    H, K, d = table.shape
+    return mx.take(table.reshape(H * K, d), mx.arange(H, dtype=mx.uint32)[:, None] * K + idx.astype(mx.uint32), axis=0)
+
+
 def nearest(x: mx.array, codebook: mx.array) -> mx.array:
     """Index of the nearest codeword: x [..., G, L, d], codebook [G, K, d] -> [..., G, L] uint8/uint32."""
     scores = x @ mx.swapaxes(codebook, -1, -2) - 0.5 * mx.sum(codebook * codebook, -1)[..., None, :]
