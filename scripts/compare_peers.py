@@ -4,9 +4,10 @@ Peers (install them only in this script's environment: ``pip install -e ".[peers
 - turboquant-mlx-full: ``make_turboquant_cache`` at k4/v4, k3/v3, k8/v3;
 - veloxquant-mlx: ``turboquant_rvq`` (keys only: b bits per stage × 2 stages, values fp16)
   and ``vecinfer`` (calibrated with its own smoothing, Hadamard and k-means helpers).
-veloxquant-mlx's other KV methods (turboquant_mse/prod, polar, qjl, spectral) are
-per-head objects its own ``KVCacheBuilder.for_model`` refuses for mlx_lm models, and
-rabitq / comm_vq have no cache at all, so they are not in the table.
+- veloxquant-mlx's per-head quantizers, which its own ``KVCacheBuilder.for_model`` refuses for
+  mlx_lm models (standalone caches) or which have no cache at all: run here by ``PeerCodec``
+  inside a VeloxKVCache, keys and values (``tq_mse``, ``tq_prod``, ``tq_rvq``, ``polar``), keys
+  only with velox turboquant_mse 4-bit values (``qjl``, ``rabitq``, ``commvq``).
 Bytes are measured from the arrays each cache holds (``nbytes`` where the cache
 reports it the same way; otherwise every mx.array attribute of the cache).
 
@@ -101,35 +102,64 @@ PEER_COMMVQ_EM_ITERS = 10
 PEER_COMMVQ_SAMPLES = 1024
 
 
-class PeerKeyCodec:
-    """A veloxquant-mlx quantizer (one per KV head) as a velox key codec.
+# The fields of veloxquant-mlx's EncodedVector a quantizer may fill, in the order they are kept.
+EV_FIELDS = ("indices", "signs", "norm", "residual_norm", "angles", "final_radius")
 
-    veloxquant-mlx ships RaBitQ and CommVQ as standalone quantizers without a KV cache;
-    this runs its own encode/decode inside a VeloxKVCache so the same protocol applies.
-    Its CommVQ takes pre-RoPE keys plus positions and re-applies RoPE itself, so the
+
+class PeerCodec:
+    """veloxquant-mlx quantizers (one per KV head) as a velox key or value codec.
+
+    Runs the peer's own encode/decode inside a VeloxKVCache so the same protocol applies. The
+    cache's parts are exactly the arrays the peer's EncodedVector holds, in the peer's dtypes
+    (polar ``angles``: one part per level), so ``cache.nbytes`` counts what the peer stores.
+    Inputs are cast to fp16, what the peer's quantizers take (RaBitQ, fitted on fp32 keys,
+    keeps fp32). CommVQ takes pre-RoPE keys plus positions and re-applies RoPE itself, so the
     keys the cache receives are un-rotated exactly first (velox's RopeInverse).
+    norm_dtype: TurboQuant MSE/Prod/RVQ codebooks assume unit vectors (N(0, 1/d) after the
+    rotation) and their EncodedVector carries no norm; the peer's own caches normalise and
+    keep the norm beside the codes (fp32 in TurboQuantKVCache, bf16 in TurboQuantRVQKVCache),
+    and so does this codec, as one more part of that dtype.
     """
 
-    def __init__(self, quantizers, kind: str, rope=None):
-        self.quantizers, self.kind, self.rope = quantizers, kind, rope
+    def __init__(self, quantizers, kind: str, rope=None, norm_dtype=None):
+        self.quantizers, self.kind, self.rope, self.norm_dtype = quantizers, kind, rope, norm_dtype
+        self.layout = []  # [(EncodedVector field, parts it takes or None for one array)], set by encode
 
     def encode(self, x, offset=0):
-        L = x.shape[2]
-        pos = mx.arange(offset, offset + L, dtype=mx.int32)
+        x = x.astype(mx.float32)
         if self.kind == "comm_vq":
-            x = self.rope.unrope(x.astype(mx.float32), offset)
+            x = self.rope.unrope(x, offset)
+        if self.norm_dtype is not None:
+            norm = mx.sqrt(mx.sum(x * x, axis=-1))
+            x = x / mx.maximum(norm, 1e-6)[..., None]
+        x = x if self.kind == "rabitq" else x.astype(mx.float16)
+        pos = mx.arange(offset, offset + x.shape[2], dtype=mx.int32)
         evs = [q.encode(x[0, h], positions=pos) if self.kind == "comm_vq" else q.encode(x[0, h])
                for h, q in enumerate(self.quantizers)]
-        return (mx.stack([mx.array(e.indices) for e in evs])[None],
-                mx.stack([mx.array(e.norm).astype(mx.float32) for e in evs])[None])
+        parts, self.layout = [], []
+        for f in EV_FIELDS:
+            per_head = [getattr(e, f) for e in evs]
+            if per_head[0] is None:
+                continue
+            n = len(per_head[0]) if isinstance(per_head[0], list) else None
+            parts += [mx.stack(per_head)[None]] if n is None else \
+                [mx.stack([a[j] for a in per_head])[None] for j in range(n)]
+            self.layout.append((f, n))
+        return tuple(parts) + ((norm.astype(self.norm_dtype),) if self.norm_dtype is not None else ())
 
-    def decode(self, indices, norm, offset=0):
+    def decode(self, *parts, offset=0):
         from veloxquant_mlx.core.context import EncodedVector
 
-        D, L = 64, indices.shape[2]
-        outs = [q.decode(EncodedVector(quantizer_type=self.kind, batch_size=L, dim=D, indices=indices[0, h],
-                                       norm=norm[0, h])) for h, q in enumerate(self.quantizers)]
-        return mx.stack(outs)[None].astype(mx.float32)
+        fields, i = {}, 0
+        for f, n in self.layout:
+            fields[f] = parts[i] if n is None else parts[i:i + n]
+            i += 1 if n is None else n
+        head = lambda v, h: v[0, h] if isinstance(v, mx.array) else [a[0, h] for a in v]
+        outs = [q.decode(EncodedVector(quantizer_type=self.kind, batch_size=parts[0].shape[2], dim=64,
+                                       **{f: head(v, h) for f, v in fields.items()}))
+                for h, q in enumerate(self.quantizers)]
+        out = mx.stack(outs)[None].astype(mx.float32)
+        return out if self.norm_dtype is None else out * parts[-1].astype(mx.float32)[..., None]
 
 
 def peer_vq_caches(model, acts, kind: str, key_bits: int):
@@ -159,14 +189,74 @@ def peer_vq_caches(model, acts, kind: str, key_bits: int):
             qs.append(q)
         rope = RopeInverse(layer_rope(model, i), 64)
         spec = LayerSpec(layer=i, num_kv_heads=len(qs), head_dim=64, key_bits=4, value_bits=4)
-        codecs.append((PeerKeyCodec(qs, kind, rope), turboquant_mse.make_codecs({}, spec)[1]))
+        codecs.append((PeerCodec(qs, kind, rope), turboquant_mse.make_codecs({}, spec)[1]))
+    return lambda: [VeloxKVCache(k, v, method=f"peer {kind}") for k, v in codecs]
+
+
+# --peers name -> (EncodedVector kind, constructor(bits per element, seed), norm kept beside the codes
+# (None: the quantizer carries its own scale), bits per element run, row label). Constructors as
+# the peer's own caches call them: head dim 64, seed 42 + layer (KVCacheBuilder's), one quantizer
+# per layer shared by its KV heads.
+def _peer_quantizers():
+    from veloxquant_mlx.quantizers import (PolarQuantizer, QJLQuantizer, TurboQuantMSE, TurboQuantProd,
+                                           TurboQuantRVQ)
+
+    return {
+        # b-bit Lloyd-Max codes of the QR-rotated unit vector (TurboQuantKVCache: fp32 norm).
+        "tq_mse": ("turboquant_mse", lambda b, s: TurboQuantMSE(d=64, b=b, seed=s), mx.float32, (2, 3, 4),
+                   "veloxquant-mlx TurboQuantMSE"),
+        # (b-1)-bit MSE codes + QJL signs of the residual, m = 64 (its m_default at d = 64): b bits.
+        # decode = x_mse + ‖r‖·√(π/2)/m·Sᵀ·sign(S·r), whose dot with q is its unbiased estimator.
+        "tq_prod": ("turboquant_prod", lambda b, s: TurboQuantProd(d=64, b=b, seed=s), mx.float32, (2, 3, 4),
+                    "veloxquant-mlx TurboQuantProd"),
+        # Its b is bits per stage, 2 stages: b = bits/2, so only even totals (2 = b1, 4 = b2).
+        # Hadamard rotation and a bf16 norm, as its TurboQuantRVQKVCache.
+        "tq_rvq": ("turboquant_rvq", lambda b, s: TurboQuantRVQ(d=64, b=b // 2, seed=s, use_hadamard=True),
+                   mx.bfloat16, (2, 4), "veloxquant-mlx TurboQuantRVQ (2 stages of bits/2)"),
+        # b-bit angle codes at 4 levels (60 per vector) + 4 fp16 radii (1 more bit per element).
+        "polar": ("polar", lambda b, s: PolarQuantizer(d=64, b=b, seed=s), None, (2, 3, 4),
+                  "veloxquant-mlx PolarQuantizer (4 levels, +4 fp16 radii)"),
+        # 1 sign bit per JL projection, m = bits·64, + fp16 norm; keys only (see peer_quantizer_caches).
+        "qjl": ("qjl", lambda b, s: QJLQuantizer(d=64, m=64 * b, seed=s), None, (2, 3, 4),
+                "veloxquant-mlx QJLQuantizer (keys, m = bits·64; values velox tq 4-bit)"),
+    }
+
+
+def peer_quantizer_caches(model, kind: str, key_bits: int, value_bits: int):
+    """veloxquant-mlx's own per-vector quantizers (``_peer_quantizers``) for keys and values.
+
+    QJL keeps sign(S·k) and ‖k‖ only; its decode, ‖k‖·√(π/2)/m·Sᵀ·sign(S·k), is no
+    reconstruction (squared error 1.5·‖k‖² at m = d, 0.4·‖k‖² at m = 4d: worse than zeros at
+    m = d) but the vector whose dot with any query is exactly its asymmetric estimator
+    √(π/2)/m·‖k‖·⟨S·q, sign(S·k)⟩ (``estimate_inner_product``). So it codes keys only,
+    attention then scoring with QJL's estimator, and values are velox turboquant_mse 4-bit
+    as in the rabitq row."""
+    from velox.methods import turboquant_mse
+    from velox.methods.base import LayerSpec
+    from velox.runtime.cache import VeloxKVCache
+
+    ev_kind, make_q, norm_dtype, _, _ = _peer_quantizers()[kind]
+    H = model.args.num_key_value_heads
+    codecs = []
+    for i in range(len(model.layers)):
+        qk = make_q(key_bits, 42 + i)
+        key = PeerCodec([qk] * H, ev_kind, norm_dtype=norm_dtype)
+        if kind == "qjl":
+            spec = LayerSpec(layer=i, num_kv_heads=H, head_dim=64, key_bits=4, value_bits=value_bits)
+            value = turboquant_mse.make_codecs({}, spec)[1]
+        else:
+            qv = qk if value_bits == key_bits else make_q(value_bits, 42 + i)
+            value = PeerCodec([qv] * H, ev_kind, norm_dtype=norm_dtype)
+        codecs.append((key, value))
     return lambda: [VeloxKVCache(k, v, method=f"peer {kind}") for k, v in codecs]
 
 
 def main() -> None:
     reexec_with_openblas()
     p = common_args(__doc__.splitlines()[0])
-    p.add_argument("--peers", default="turboquant,rvq,vecinfer", help="peer caches to run (comma-separated)")
+    p.add_argument("--peers", default="turboquant,rvq,vecinfer",
+                   help="peer caches to run, comma-separated: turboquant, rvq, vecinfer, rabitq, commvq, "
+                        "tq_mse, tq_prod, tq_rvq, polar, qjl")
     args = p.parse_args()
     model, tok, tokens, rows, header, acts = run_velox_and_baselines(args)
     from turboquant_mlx.layers.polar_kv_cache import make_turboquant_cache
@@ -193,6 +283,10 @@ def main() -> None:
     for kb in (2, 1) if "commvq" in peers else ():
         rows.append(measure(model, tokens, "veloxquant-mlx CommVQQuantizer (keys; values velox tq 4-bit)",
                             peer_vq_caches(model, acts, "comm_vq", kb), args.windows, kb, 4))
+    for name, (_, _, _, bits, label) in _peer_quantizers().items():
+        for b in bits if name in peers else ():
+            vb = 4 if name == "qjl" else b
+            rows.append(measure(model, tokens, label, peer_quantizer_caches(model, name, b, vb), args.windows, b, vb))
     write_outputs(args, rows, markdown(rows, header + " Peers run in the same process on the same tokens."))
 
 

@@ -95,3 +95,25 @@ def test_trim_state_round_trip_and_mask():
     assert cache.make_mask(4, return_array=False, window_size=None) == "causal"
     mask = cache.make_mask(2, return_array=True, window_size=None)
     assert mask.shape == (2, cache.offset + 2)
+
+
+def test_window_keeps_recent_tokens_fp16_and_encodes_what_leaves():
+    k, v = kv(40)
+    base = make()
+    cache = VeloxKVCache(base.key_codec, base.value_codec, sink=2, window=8)
+    ks = None
+    for s, e in ((0, 1), (1, 5), (5, 6), (6, 30), (30, 31), (31, 40)):  # decode steps and chunks
+        ks, vs = cache.update_and_fetch(k[:, :, s:e], v[:, :, s:e])
+        assert ks.shape[2] == e and cache.n_recent == min(8, e - min(e, 2))
+    exact = lambda x: x.astype(mx.float16).astype(mx.float32)
+    assert mx.array_equal(ks[:, :, :2], exact(k[:, :, :2])) and mx.array_equal(ks[:, :, -8:], exact(k[:, :, -8:]))
+    assert not mx.allclose(ks[:, :, 2:-8], k[:, :, 2:-8], atol=1e-3)
+    # the codes equal a window-free cache's codes of the same tokens, however they arrived
+    plain = make(sink=2)
+    ref = plain.update_and_fetch(exact(k[:, :, :32]), exact(v[:, :, :32]))[0]
+    assert mx.allclose(ks[:, :, 2:32], ref[:, :, 2:32], atol=1e-5)
+    assert cache.coded == 30 and cache.nbytes == sum(b.nbytes for b in cache.keys + cache.values) + 2 * 3 * (2 + 8) * 64 * 2
+    # trimming takes the window first, then codes; re-extending gives the same history
+    assert cache.trim(12) == 12 and cache.offset == 28 and cache.coded == 26 and cache.n_recent == 0
+    again = cache.update_and_fetch(k[:, :, 28:40], v[:, :, 28:40])[0]
+    assert again.shape[2] == 40 and mx.allclose(again[:, :, -8:], ks[:, :, -8:])

@@ -139,11 +139,31 @@ def test_kv_sink_keeps_first_tokens_in_fp16_and_counts_them(tiny_llama, tmp_path
     model(mx.array([[1, 2, 3, 4, 5, 6, 7, 8]]), cache=cache)
     c = cache[0]
     assert c.sink == 4 and c.offset == 8
-    k, _ = c._fetch(mx.float32)
+    k, _ = c.fetch(mx.float32)
     assert k.shape[2] == 8
     # the sink tokens are held exactly (fp16) next to the codes of the other 4
-    assert c.sink_keys.dtype == mx.float16 and c.sink_keys.shape[2] == 4
-    assert c.nbytes == sum(b.nbytes for b in c.keys + c.values) + c.sink_keys.nbytes + c.sink_values.nbytes
+    assert c.sink_kv[0].dtype == mx.float16 and c.sink_kv[0].shape[2] == 4
+    assert c.nbytes == sum(b.nbytes for b in c.keys + c.values) + sum(x.nbytes for x in c.sink_kv)
     assert convert_main(["--hf-path", str(tiny_llama), "--mlx-path", str(tmp_path / "bad"), "--kv", "turboquant_mse",
                          "--kv-sink", "-1", *CALIB]) == 2
     assert "--kv-sink must be in 0..4096" in capsys.readouterr().err
+
+
+def test_kv_outliers_and_window_are_recorded_and_installed(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "outl"
+    assert convert_main(["--hf-path", str(tiny_llama), "--mlx-path", str(out), "--kv", "turboquant_prod",
+                         "--kv-bits", "3", "--kv-outliers", "4", "--kv-window", "3", *CALIB]) == 0
+    entry = json.loads((out / "config.json").read_text())["kv_quant"]["methods"]["turboquant_prod"]
+    assert entry["options"] == {"outliers": 4} and entry["window"] == 3
+    assert mx.load(str(out / "kv_quant.safetensors"))["turboquant_prod.layers.0.keys.outlier_channels"].shape == (2, 4)
+    model, tok = velox.load(str(out))
+    cache = mlx_lm.models.cache.make_prompt_cache(model)
+    model(mx.array([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]), cache=cache)
+    c = cache[0]
+    assert c.window == 3 and c.coded == 7 and c.recent_kv[0].shape[2] == 3
+    # per key: 4 int8 outliers; 60 channels: 2-bit MSE codes (4 uint32 words) + fp16 norm,
+    # 1-bit QJL signs of the residual (2 words) + fp16 norm
+    assert sum(p[:, :, :7].nbytes for p in c.keys) == 7 * 2 * (4 + 16 + 2 + 8 + 2)
+    assert convert_main(["--hf-path", str(tiny_llama), "--mlx-path", str(tmp_path / "bad"), "--kv", "spectral",
+                         "--kv-outliers", "4", *CALIB]) == 2
+    assert "--kv-outliers works with" in capsys.readouterr().err and not (tmp_path / "bad").exists()

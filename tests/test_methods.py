@@ -109,6 +109,6 @@ def test_spectral_calibrate_and_codecs_round_trip():
 
 
 def test_unknown_method_lists_available():
-    with pytest.raises(ValueError, match="available: commvq, rabitq, spectral, turboquant_mse, vecinfer"):
+    with pytest.raises(ValueError, match="available: commvq, polar, qjl, rabitq, spectral, turboquant_mse, turboquant_prod, turboquant_rvq, vecinfer"):
         get_method("nope")
     assert set(METHODS) >= {"spectral", "turboquant_mse"}

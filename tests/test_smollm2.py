@@ -176,3 +176,39 @@ def test_vq_method_quality_and_bytes(folder_vq, eval_tokens, fp16_result, method
     delta, per_token = measure(folder_vq, method, eval_tokens, fp16_result)
     assert per_token == VQ_BYTES[method]  # codes + per-vector scalars, nothing else
     assert delta < VQ_MAX_DELTA[method]
+
+
+# Issue 5's data-free methods at 3 bits (keys and values), one folder; calibration only
+# captures activations, so a short corpus suffices.
+DATA_FREE_BYTES = {"turboquant_prod": 3 * (24 + 4 + 26), "turboquant_rvq": 3 * 2 * 26,
+                   "polar": 3 * 2 * 26, "qjl": 3 * (24 + 2 + 26)}
+
+
+@pytest.fixture(scope="module")
+def folder_data_free(smollm2_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("df") / "smollm2-df"
+    assert convert_main(["--hf-path", str(smollm2_path), "--mlx-path", str(out), "--kv",
+                         ",".join(DATA_FREE_BYTES), "--kv-bits", "3", "--calib-tokens", "1024", "--quiet"]) == 0
+    return out
+
+
+def test_data_free_methods_generate_and_hold_exact_bytes(folder_data_free, eval_tokens):
+    for method, per_token in DATA_FREE_BYTES.items():
+        model, tok = velox.load(str(folder_data_free), kv=method)
+        cache = mlx_lm.models.cache.make_prompt_cache(model)
+        assert len(chat(model, tok, "What is the capital of France?", prompt_cache=cache)) > 0
+        assert bytes_per_token(model, model.make_cache, eval_tokens, n=1024) / 30 == per_token
+
+
+def test_ratequant_beats_uniform_at_the_same_average(smollm2_path, folder3, eval_tokens, fp16_result, tmp_path):
+    # turboquant_mse at 3 bits on average: RateQuant's per-head widths vs 3/3 everywhere.
+    out = tmp_path / "rq"
+    assert convert_main(["--hf-path", str(smollm2_path), "--mlx-path", str(out), "--kv", "turboquant_mse",
+                         "--kv-bits", "3", "--kv-alloc", "ratequant", "--calib-tokens", "2048",
+                         "--calib-seq-len", "256", "--quiet"]) == 0
+    entry = json.loads((out / "config.json").read_text())["kv_quant"]["methods"]["turboquant_mse"]
+    assert entry["achieved_bits"] == 3
+    rq, rq_bytes = measure(out, "turboquant_mse", eval_tokens, fp16_result)
+    uniform, uniform_bytes = measure(folder3, "turboquant_mse", eval_tokens, fp16_result)
+    assert rq_bytes == uniform_bytes  # same average bits, same norms
+    assert rq < uniform

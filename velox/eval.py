@@ -98,6 +98,8 @@ def bootstrap_delta(nll: np.ndarray, ref_nll: np.ndarray, n: int = 2000, seed: i
 def round_trip(cache, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
     """What attention would read back after storing keys/values [B, H, L, D] in a fresh cache."""
     k, v = cache.update_and_fetch(keys, values)
+    if hasattr(cache, "fetch"):  # a velox cache on the fast path returns only the new tokens
+        k, v = cache.fetch(keys.dtype)
     if isinstance(k, tuple):  # mlx_lm's QuantizedKVCache returns (codes, scales, biases)
         deq = lambda t: mx.dequantize(*t, group_size=cache.group_size, bits=cache.bits)
         k, v = deq(k), deq(v)

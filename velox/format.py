@@ -13,7 +13,7 @@ from typing import Any
 FORMAT_VERSION = 1
 ARTIFACT_FILE = "kv_quant.safetensors"
 MAX_BITS = 8
-MAX_SINK = 4096  # fp16 attention-sink tokens a cache may keep
+MAX_FP16_TOKENS = 4096  # sink or window tokens a cache may keep in fp16
 
 
 class VeloxFormatError(ValueError):
@@ -58,9 +58,10 @@ def validate_kv_quant(kvq: Any, num_layers: int, known_methods: set[str]) -> dic
         _require(name in known_methods,
                  f"unknown method {name!r} (this velox knows {', '.join(sorted(known_methods))})")
         _require(isinstance(entry, dict), f"methods.{name} must be an object")
-        sink = entry.get("sink", 0)
-        _require(isinstance(sink, int) and not isinstance(sink, bool) and 0 <= sink <= MAX_SINK,
-                 f"methods.{name}.sink must be an integer in 0..{MAX_SINK}, got {sink!r}")
+        for key in ("sink", "window"):
+            n = entry.get(key, 0)
+            _require(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_FP16_TOKENS,
+                     f"methods.{name}.{key} must be an integer in 0..{MAX_FP16_TOKENS}, got {n!r}")
         layers = entry.get("layers")
         _require(isinstance(layers, list) and len(layers) == num_layers,
                  f"methods.{name}.layers must list all {num_layers} layers of the model "
@@ -72,8 +73,12 @@ def validate_kv_quant(kvq: Any, num_layers: int, known_methods: set[str]) -> dic
                 continue
             for key in ("key_bits", "value_bits"):
                 b = layer.get(key)
-                _require(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= MAX_BITS,
-                         f"{where}.{key} must be an integer in 1..{MAX_BITS}, got {b!r}")
+                ok = lambda x: isinstance(x, int) and not isinstance(x, bool) and 0 < x <= MAX_BITS
+                per_head = isinstance(b, list) and len(b) == model["num_kv_heads"] and all(map(ok, b))
+                _require(ok(b) or per_head, f"{where}.{key} must be an integer in 1..{MAX_BITS} or a list of "
+                                            f"{model['num_kv_heads']} such integers (one per KV head), got {b!r}")
+            _require(isinstance(layer["key_bits"], list) == isinstance(layer["value_bits"], list),
+                     f"{where}: key_bits and value_bits must both be integers or both per-head lists")
     quality = kvq.get("quality")
     if quality is not None:
         _require(isinstance(quality, dict) and isinstance(quality.get("runs"), dict),

@@ -21,8 +21,19 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(available: {', '.join(sorted(METHODS))})")
     p.add_argument("--kv-key-bits", type=int, default=None, help="key bits per element (default: per method)")
     p.add_argument("--kv-value-bits", type=int, default=None, help="value bits per element (default: per method)")
+    p.add_argument("--kv-bits", type=float, default=None,
+                   help="average bits per element over keys and values (a fractional value such as 2.5 "
+                        "implies --kv-alloc ratequant)")
+    p.add_argument("--kv-alloc", choices=("uniform", "ratequant"), default=None,
+                   help="how --kv-bits is spread: the same for every head, or RateQuant per (layer, KV head, "
+                        "K/V) from measured attention-output errors (default: uniform for whole bits)")
     p.add_argument("--kv-sink", type=int, default=0,
                    help="keep the first N tokens of every sequence in fp16 (attention sinks; default 0)")
+    p.add_argument("--kv-window", type=int, default=0,
+                   help="keep the most recent W tokens in fp16 (KIVI's residual window; default 0)")
+    p.add_argument("--kv-outliers", type=int, default=0,
+                   help="keep the K key channels (whole RoPE pairs) with the most calibration energy at 8 bits "
+                        "(data-free methods: turboquant_mse/prod/rvq, qjl; default 0)")
     p.add_argument("--rabitq-nlist", type=int, default=None,
                    help="rabitq: IVF centroids per KV head, 1..256 (default: 64)")
     p.add_argument("--calib-data", default=None,
@@ -38,6 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def method_options(args) -> dict[str, dict]:
+    """Per-method calibration options from the flags (recorded in kv_quant)."""
+    opts: dict[str, dict] = {}
+    if args.rabitq_nlist:
+        opts["rabitq"] = {"nlist": args.rabitq_nlist}
+    if args.kv_outliers:
+        for m in args.kv.split(","):
+            opts.setdefault(m.strip(), {})["outliers"] = args.kv_outliers
+    return opts
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         reexec_with_openblas()
@@ -48,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         kvq = convert(args.hf_path, args.mlx_path, kv=args.kv, key_bits=args.kv_key_bits,
                       value_bits=args.kv_value_bits, calib_data=args.calib_data,
                       calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
-                      seed=args.seed, force=args.force, progress=not args.quiet, sink=args.kv_sink,
-                      method_options={"rabitq": {"nlist": args.rabitq_nlist}} if args.rabitq_nlist else None)
+                      seed=args.seed, force=args.force, progress=not args.quiet, sink=args.kv_sink, window=args.kv_window,
+                      avg_bits=args.kv_bits, alloc=args.kv_alloc,
+                      method_options=method_options(args))
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"velox-convert: error: {e}", file=sys.stderr)
         return 2
@@ -58,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(capture {cal['capture_seconds']:.1f} s)")
     print(f"{'method':<16} {'K bits':>6} {'V bits':>6} {'fit s':>7}")
     for name, entry in kvq["methods"].items():
-        print(f"{name:<16} {entry['key_bits']:>6} {entry['value_bits']:>6} {entry['fit_seconds']:>7.1f}")
+        print(f"{name:<16} {entry['key_bits']:>6} {entry['value_bits']:>6} {entry['fit_seconds']:>7.1f}"
+              + (f"  (ratequant: {entry['achieved_bits']} bits on average)" if "alloc" in entry else ""))
     if args.eval:
         from ..runtime.evaluate import main as eval_main
 

@@ -10,16 +10,20 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 from mlx_lm.utils import load as mlx_lm_load
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import save_config, save_model
 from tqdm import tqdm
 
 from .. import __version__
 from ..cpu import float32_on_cpu
-from ..format import ARTIFACT_FILE, FORMAT_VERSION, MAX_SINK, sha256_file
-from ..methods import LayerSpec, get_method
-from ..methods.rope import layer_rope
+from ..format import ARTIFACT_FILE, FORMAT_VERSION, MAX_BITS, MAX_FP16_TOKENS, sha256_file
+from ..methods import LayerSpec, get_method, outliers, ratequant
+from ..methods.rope import layer_rope, spec_rope
 from ..model_cards import render_card
+from ..runtime.cache import VeloxKVCache
 from ..runtime.loader import resolve_path
 from .calib_data import load_calibration
 from .capture import capture
@@ -64,6 +68,31 @@ def method_bits(name: str, key_bits: Optional[int], value_bits: Optional[int]) -
     return kb, vb
 
 
+def parse_allocation(avg_bits: Optional[float], alloc: Optional[str], key_bits: Optional[int],
+                     value_bits: Optional[int]) -> tuple[str, Optional[int], Optional[int]]:
+    """--kv-bits/--kv-alloc against --kv-key-bits/--kv-value-bits -> (alloc, key bits, value bits)."""
+    if alloc not in (None, "uniform", "ratequant"):
+        raise ValueError(f"--kv-alloc must be uniform or ratequant, got {alloc!r}")
+    if avg_bits is None:
+        return alloc or "uniform", key_bits, value_bits
+    if key_bits is not None or value_bits is not None:
+        raise ValueError("give either --kv-bits (the K/V average) or --kv-key-bits/--kv-value-bits, not both")
+    if not 1 <= avg_bits <= MAX_BITS:
+        raise ValueError(f"--kv-bits must be in 1..{MAX_BITS}, got {avg_bits}")
+    whole = float(avg_bits).is_integer()
+    if alloc == "uniform" and not whole:
+        raise ValueError(f"--kv-bits {avg_bits} is fractional: uniform allocation needs whole bits "
+                         "(use --kv-alloc ratequant)")
+    alloc = alloc or ("uniform" if whole else "ratequant")
+    return alloc, (int(avg_bits) if alloc == "uniform" else None), (int(avg_bits) if alloc == "uniform" else None)
+
+
+def _layer_spec(model, acts: list, i: int, key_bits: int, value_bits: int, seed: int) -> LayerSpec:
+    _, num_kv_heads, head_dim = next(a for a in acts if a is not None).keys.shape
+    return LayerSpec(layer=i, num_kv_heads=num_kv_heads, head_dim=head_dim, key_bits=key_bits,
+                     value_bits=value_bits, seed=seed, rope=layer_rope(model, i))
+
+
 def calibrate_method(name: str, acts: list, model, key_bits: int, value_bits: int, seed: int,
                      options: Optional[dict] = None, progress: bool = True) -> tuple[dict, dict]:
     """Run one method's calibration on every layer -> (kv_quant method entry, tensors).
@@ -73,7 +102,8 @@ def calibrate_method(name: str, acts: list, model, key_bits: int, value_bits: in
     """
     module = get_method(name)
     options = dict(options or {})
-    _, num_kv_heads, head_dim = next(a for a in acts if a is not None).keys.shape
+    method_options = {k: v for k, v in options.items() if k != "outliers"}
+    n_outliers = options.get("outliers", 0)
     layers, tensors, per_layer = [], {}, []
     start = time.perf_counter()
     for i, layer_acts in enumerate(tqdm(acts, desc=f"calibrate {name}", disable=not progress)):
@@ -81,10 +111,12 @@ def calibrate_method(name: str, acts: list, model, key_bits: int, value_bits: in
             layers.append({"layer": i, "cache": "native"})
             continue
         t0 = time.perf_counter()
-        spec = LayerSpec(layer=i, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                         key_bits=key_bits, value_bits=value_bits, seed=seed,
-                         rope=layer_rope(model, i))
-        fitted = module.calibrate(layer_acts, spec, **options)
+        spec = _layer_spec(model, acts, i, key_bits, value_bits, seed)
+        fitted = module.calibrate(layer_acts, spec, **method_options)
+        if n_outliers:
+            outliers.check(name, n_outliers, spec.head_dim)
+            pairs = spec_rope(spec, name).pairs if spec.rope else np.arange(spec.head_dim).reshape(-1, 2)
+            fitted.update(outliers.fit(layer_acts.keys, n_outliers, pairs))
         mx.eval(list(fitted.values()))  # so the time is this layer's
         tensors.update({f"{name}.layers.{i}.{k}": v for k, v in fitted.items()})
         per_layer.append(time.perf_counter() - t0)
@@ -97,15 +129,129 @@ def calibrate_method(name: str, acts: list, model, key_bits: int, value_bits: in
     return entry, tensors
 
 
+RATEQUANT_SEQUENCES = 2  # calibration sequences for RateQuant's per-layer loss weights
+KL_STRIDE = 4
+PROBE_BITS = 2  # width at which each layer's loss sensitivity is measured
+
+
+class _Exact:
+    """Identity codec: leaves one of K/V exact while the other is coded."""
+
+    def encode(self, x, offset=0):
+        return (x,)
+
+    def decode(self, x, offset=0):
+        return x
+
+
+def layer_kl(model, tokens: np.ndarray, layer_codecs: list, part: int) -> np.ndarray:
+    """Mean KL(exact ‖ coded) of the next-token distributions over ``tokens [S, T]`` when only
+    layer l's keys (part 0) or values (part 1) are coded, for each layer -> [L] (0 where
+    layer_codecs[l] is None)."""
+    x = mx.array(tokens)
+    # Every KL_STRIDE-th position: the softmax over the vocabulary costs as much as the model here.
+    ref = nn.log_softmax(model(x)[:, ::KL_STRIDE].astype(mx.float32), axis=-1)
+    p_ref = mx.exp(ref)
+    out = np.zeros(len(layer_codecs))
+    for i, codecs in enumerate(layer_codecs):
+        if codecs is None:
+            continue
+        pair = [_Exact(), _Exact()]
+        pair[part] = codecs[part]
+        caches = make_prompt_cache(model)
+        caches[i] = VeloxKVCache(*pair)
+        logq = nn.log_softmax(model(x, cache=caches)[:, ::KL_STRIDE].astype(mx.float32), axis=-1)
+        out[i] = mx.mean(mx.sum(p_ref * (ref - logq), axis=-1)).item()
+    return out
+
+
+def calibrate_ratequant(name: str, acts: list, model, avg_bits: float, seed: int,
+                        options: Optional[dict] = None, progress: bool = True,
+                        tokens: Optional[np.ndarray] = None) -> tuple[dict, dict]:
+    """RateQuant on top of method ``name``: measure every (layer, KV head, K/V)'s
+    attention-output error at each candidate width, fit D(b) = α·β^(−b), allocate integer
+    bits averaging ``avg_bits`` -> (kv_quant method entry with per-head bit lists, tensors).
+
+    tokens [S, T] (calibration sequences): if given, each layer's output errors are put on
+    one scale across layers by the model's own loss: they are multiplied by w_l =
+    KL_l / Σ_h D_lh, where KL_l is the next-token KL divergence with only that layer's K
+    (or V) coded at the probe width. Attention-output errors alone treat every layer's
+    relative error as equally harmful, which measured nearly no better than uniform.
+    """
+    module = get_method(name)
+    options = dict(options or {})
+    cands = {kind: ratequant.candidate_bits(module, kind) for kind in ("key", "value")}
+    widths = sorted(set(cands["key"]) | set(cands["value"]))
+    start = time.perf_counter()
+    fitted, errors, live = {}, {"key": [], "value": []}, []
+    for i, layer_acts in enumerate(tqdm(acts, desc=f"ratequant {name}", disable=not progress)):
+        if layer_acts is None:
+            continue
+        live.append(i)
+        per_width = {"key": [], "value": []}
+        for b in widths:
+            spec = ratequant.width_spec(module, _layer_spec(model, acts, i, 0, 0, seed), b)
+            fitted[i, b] = module.calibrate(layer_acts, spec, **options)
+            dk, dv = ratequant.output_errors(layer_acts, *module.make_codecs(fitted[i, b], spec))
+            for kind, d in (("key", dk), ("value", dv)):
+                if b in cands[kind]:
+                    per_width[kind].append(d)
+        for kind in errors:
+            errors[kind].append(np.stack(per_width[kind], axis=-1))  # [H, C]
+    if tokens is not None:
+        for part, kind in enumerate(("key", "value")):
+            probe = cands[kind].index(min(cands[kind], key=lambda c: abs(c - PROBE_BITS)))
+            codecs = [None] * len(acts)
+            for i in live:
+                spec = ratequant.width_spec(module, _layer_spec(model, acts, i, 0, 0, seed), cands[kind][probe])
+                codecs[i] = module.make_codecs(fitted[i, cands[kind][probe]], spec)
+            kl = layer_kl(model, tokens, codecs, part)[live]
+            errs = np.stack(errors[kind])  # [layers, H, C]
+            weight = np.maximum(kl, 1e-9) / np.maximum(errs[:, :, probe].sum(axis=1), 1e-12)
+            errors[kind] = list(errs * weight[:, None, None])
+    alpha, beta, lo, hi = [], [], [], []
+    for kind in ("key", "value"):
+        a, b = ratequant.fit_distortion(cands[kind], np.stack(errors[kind]))  # [layers, H]
+        alpha.append(a.reshape(-1)), beta.append(b.reshape(-1))
+        lo.append(np.full(a.size, min(cands[kind]))), hi.append(np.full(a.size, max(cands[kind])))
+    units = sum(len(a) for a in alpha)
+    total = int(round(avg_bits * units))
+    bits = ratequant.allocate(*(np.concatenate(x) for x in (alpha, beta, lo, hi)), total)
+    n_keys = len(alpha[0])
+    H = np.stack(errors["key"]).shape[1]
+    kbits, vbits = bits[:n_keys].reshape(-1, H), bits[n_keys:].reshape(-1, H)
+    layers, tensors = [], {}
+    for i in range(len(acts)):
+        if i not in live:
+            layers.append({"layer": i, "cache": "native"})
+            continue
+        j = live.index(i)
+        kb, vb = kbits[j].tolist(), vbits[j].tolist()
+        layers.append({"layer": i, "key_bits": kb, "value_bits": vb})
+        for b in sorted(set(kb) | set(vb)):
+            tensors.update({f"{name}.layers.{i}.bits{b}.{k}": v for k, v in fitted[i, b].items()})
+    entry = {"alloc": "ratequant", "bits": avg_bits, "achieved_bits": round(total / units, 4),
+             "key_bits": round(float(kbits.mean()), 3), "value_bits": round(float(vbits.mean()), 3),
+             "decay": {kind: round(float(np.median(b)), 2) for kind, b in zip(("key", "value"), beta)},
+             "fit_seconds": round(time.perf_counter() - start, 2), "layers": layers}
+    if options:
+        entry["options"] = options
+    return entry, tensors
+
+
 def convert(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
             key_bits: Optional[int] = None, value_bits: Optional[int] = None,
             calib_data: Optional[str] = None, calib_tokens: int = 8192, calib_seq_len: int = 512,
             seed: int = 0, force: bool = False, progress: bool = True,
-            method_options: Optional[dict[str, dict]] = None, sink: int = 0) -> dict:
+            method_options: Optional[dict[str, dict]] = None, sink: int = 0, window: int = 0,
+            avg_bits: Optional[float] = None, alloc: Optional[str] = None) -> dict:
     """Convert ``hf_path`` into a velox folder at ``mlx_path``; returns its kv_quant section.
 
     method_options: per-method calibration keywords, e.g. ``{"rabitq": {"nlist": 64}}``.
-    sink: the first ``sink`` tokens stay in fp16 in every method's caches (recorded per method).
+    sink / window: the first ``sink`` and the last ``window`` tokens stay in fp16 in every
+    method's caches (recorded per method).
+    avg_bits / alloc: average bits over keys and values, spread ``uniform``ly (an integer)
+    or by ``ratequant`` per (layer, KV head, K/V); a fractional average implies ratequant.
 
     The folder is built in a temporary directory beside the target and renamed into
     place at the end, so a failure leaves nothing behind.
@@ -114,9 +260,11 @@ def convert(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
     if target.exists() and not force:
         raise FileExistsError(f"{target} already exists (use --force to replace it)")
     names = parse_methods(kv)
+    alloc, key_bits, value_bits = parse_allocation(avg_bits, alloc, key_bits, value_bits)
     bits = {m: method_bits(m, key_bits, value_bits) for m in names}
-    if not 0 <= sink <= MAX_SINK:
-        raise ValueError(f"--kv-sink must be in 0..{MAX_SINK}, got {sink}")
+    for flag, n in (("--kv-sink", sink), ("--kv-window", window)):
+        if not 0 <= n <= MAX_FP16_TOKENS:
+            raise ValueError(f"{flag} must be in 0..{MAX_FP16_TOKENS}, got {n}")
 
     src = resolve_path(hf_path)
     model, tokenizer, config = mlx_lm_load(str(src), return_config=True)
@@ -138,9 +286,16 @@ def convert(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
 
         methods, tensors = {}, {}
         for m in names:
-            entry, t = calibrate_method(m, acts, model, *bits[m], seed, (method_options or {}).get(m), progress)
-            if sink:
-                entry["sink"] = sink
+            options = (method_options or {}).get(m)
+            if alloc == "ratequant":
+                if options and "outliers" in options:
+                    raise ValueError("--kv-outliers does not combine with RateQuant allocation yet")
+                avg = avg_bits if avg_bits is not None else sum(bits[m]) / 2
+                entry, t = calibrate_ratequant(m, acts, model, avg, seed, options, progress,
+                                               tokens=calib.tokens[:RATEQUANT_SEQUENCES])
+            else:
+                entry, t = calibrate_method(m, acts, model, *bits[m], seed, options, progress)
+            entry.update({k: n for k, n in (("sink", sink), ("window", window)) if n})
             methods[m] = entry
             tensors.update(t)
         del acts

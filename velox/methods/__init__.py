@@ -11,14 +11,18 @@ nearest codeword), ``rotation``, ``rope`` (exact RoPE inverse, pre-RoPE coding).
 
 from types import ModuleType
 
-from . import commvq, rabitq, spectral, turboquant_mse, vecinfer
+from . import commvq, polar, qjl, rabitq, spectral, turboquant_mse, turboquant_prod, turboquant_rvq, vecinfer
 from .base import LayerActivations, LayerSpec
 
 METHODS: dict[str, ModuleType] = {
     "commvq": commvq,
+    "polar": polar,
+    "qjl": qjl,
     "rabitq": rabitq,
     "spectral": spectral,
     "turboquant_mse": turboquant_mse,
+    "turboquant_prod": turboquant_prod,
+    "turboquant_rvq": turboquant_rvq,
     "vecinfer": vecinfer,
 }
 

@@ -42,6 +42,11 @@ class LayerSpec:
     rope: Any = None
 
 
+def no_calibration(acts: LayerActivations, spec: LayerSpec) -> dict:
+    """``calibrate`` of the data-free methods: their rotations are rebuilt from the seed."""
+    return {}
+
+
 def attention_mass(acts: LayerActivations) -> np.ndarray:
     """Attention each calibration token receives, summed over the queries of its KV group.
 

@@ -37,8 +37,8 @@ from . import turboquant_mse
 from .base import (LayerActivations, LayerSpec, attention_mass, cauchy_schwarz_scale, pair_energy,
                    query_energy, tensor)
 from .rope import PreRopeCodec, spec_rope
-from .rotation import layer_rotation
-from .scalar import PackLayout, pack, unpack
+from .rotation import KEY_ROTATION, layer_rotation
+from .scalar import pack_signs, unpack_signs
 from .vq import kmeans, nearest, take_per_head
 
 DEFAULT_KEY_BITS = 1
@@ -58,10 +58,6 @@ class RaBitQCodec:
     rotation: mx.array
     scale: mx.array | None = None
 
-    def __post_init__(self):
-        H, _, D = self.centroids.shape
-        self.layout = PackLayout.from_bits(np.ones((H, D), dtype=np.int64))
-
     def encode_with_ip(self, x: mx.array) -> tuple[tuple[mx.array, mx.array, mx.array], mx.array]:
         """x [B, H, L, D] -> ((words [B, H, L, D/32] uint32, ids [B, H, L] uint8,
         factor [B, H, L] fp16), ⟨ō, o⟩ [B, H, L])."""
@@ -73,7 +69,7 @@ class RaBitQCodec:
         norm = mx.sqrt(mx.sum(r * r, axis=-1))
         y = (r / mx.maximum(norm, 1e-20)[..., None]) @ self.rotation
         ip = mx.sum(mx.abs(y), axis=-1) / math.sqrt(x.shape[-1])  # ⟨ō, o⟩ ∈ (0, 1]
-        words = pack((y > 0).astype(mx.uint32), self.layout)
+        words = pack_signs(y)
         factor = (norm / mx.maximum(ip, 1e-6)).astype(mx.float16)
         return (words, ids, factor), ip
 
@@ -84,7 +80,7 @@ class RaBitQCodec:
     def decode(self, words: mx.array, ids: mx.array, factor: mx.array, offset: int = 0) -> mx.array:
         """-> k̂ [B, H, L, D] with q·k̂ equal to RaBitQ's estimate of q·k."""
         D = self.centroids.shape[-1]
-        signs = unpack(words, self.layout).astype(mx.float32) * 2.0 - 1.0
+        signs = unpack_signs(words, D)
         o_bar = (signs / math.sqrt(D)) @ self.rotation.T
         k = take_per_head(self.centroids, ids) + factor[..., None].astype(mx.float32) * o_bar
         return k if self.scale is None else k / self.scale[:, None, :]
@@ -93,7 +89,7 @@ class RaBitQCodec:
         """Estimated scores from the codes: q [B, H, Lq, D] -> [B, H, Lq, L]."""
         D = self.centroids.shape[-1]
         q = q.astype(mx.float32) if self.scale is None else q.astype(mx.float32) / self.scale[:, None, :]
-        signs = unpack(words, self.layout).astype(mx.float32) * 2.0 - 1.0  # x̄ as ±1
+        signs = unpack_signs(words, D)  # x̄ as ±1
         q_rot = q @ self.rotation                                           # P⁻¹q
         ip_oq = (q_rot @ mx.swapaxes(signs, -1, -2)) / math.sqrt(D)         # ⟨ō, q⟩
         cq = q.astype(mx.float32) @ mx.swapaxes(self.centroids, -1, -2)     # [B, H, Lq, C]
@@ -129,6 +125,6 @@ def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[PreRopeC
     if not 1 <= cent.shape[1] <= 256:
         raise VeloxFormatError(f"rabitq: keys.centroids holds {cent.shape[1]} centroids per head (1..256 allowed)")
     scale = tensor(tensors, "keys.scale", (spec.num_kv_heads, spec.head_dim), mx.float32)
-    keys = PreRopeCodec(RaBitQCodec(cent, layer_rotation(spec, 0), scale), rope)
+    keys = PreRopeCodec(RaBitQCodec(cent, layer_rotation(spec, KEY_ROTATION), scale), rope)
     _, values = turboquant_mse.make_codecs({}, spec)
     return keys, values

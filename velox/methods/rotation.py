@@ -24,11 +24,22 @@ def randomized_hadamard(dim: int, seed: int) -> mx.array:
         return mx.array((q * np.sign(np.diag(r))).astype(np.float32))
 
 
+KEY_ROTATION, VALUE_ROTATION, KEY_SKETCH = 0, 1, 2  # the seeded random parts of a layer
+
+
 def layer_seed(seed: int, layer: int, part: int) -> int:
-    """Seed of one layer's rotation: part 0 for keys, 1 for values (rebuilt at load time)."""
-    return seed * 1000 + layer * 2 + part
+    """Seed of one seeded random part of a layer (rebuilt at load time): distinct for
+    every (seed, layer, part) with part < 16."""
+    return (seed * 100_000 + layer) * 16 + part
 
 
 def layer_rotation(spec, part: int) -> mx.array:
-    """[D, D] seeded rotation of one layer's keys (part 0) or values (part 1); spec: a LayerSpec."""
+    """[D, D] seeded rotation of one layer's keys (KEY_ROTATION) or values; spec: a LayerSpec."""
     return randomized_hadamard(spec.head_dim, layer_seed(spec.seed, spec.layer, part))
+
+
+def seeded_codecs(spec, make_codec):
+    """(key codec, value codec) of a data-free method: ``make_codec(head_dim, bits, seed)`` with
+    the layer's key and value seeds; spec: a LayerSpec."""
+    return (make_codec(spec.head_dim, spec.key_bits, layer_seed(spec.seed, spec.layer, KEY_ROTATION)),
+            make_codec(spec.head_dim, spec.value_bits, layer_seed(spec.seed, spec.layer, VALUE_ROTATION)))

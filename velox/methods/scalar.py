@@ -161,6 +161,28 @@ def unpack(words: mx.array, layout: PackLayout) -> mx.array:
     return codes & layout.mask[:, None, :]
 
 
+@lru_cache(maxsize=None)
+def sign_layout(n: int) -> PackLayout:
+    """Layout of n one-bit codes, shared by every head (its [1, n] arrays broadcast over H)."""
+    return PackLayout.from_bits(np.ones((1, n), dtype=np.int64))
+
+
+def pack_signs(y: mx.array) -> mx.array:
+    """y [B, H, L, n] -> sign bits (1 where y > 0) as words [B, H, L, ceil(n/32)] uint32."""
+    return pack((y > 0).astype(mx.uint32), sign_layout(y.shape[-1]))
+
+
+def unpack_signs(words: mx.array, n: int) -> mx.array:
+    """words [B, H, L, W] -> ±1.0 [B, H, L, n] float32."""
+    return unpack(words, sign_layout(n)).astype(mx.float32) * 2.0 - 1.0
+
+
+def level_codes(y: mx.array, levels: mx.array) -> mx.array:
+    """Index of the nearest of sorted ``levels [K]`` for every element of y -> uint32, y's shape."""
+    mids = (levels[1:] + levels[:-1]) / 2
+    return mx.sum(y[..., None] > mids, axis=-1).astype(mx.uint32)
+
+
 # ---------------------------------------------------------------- the codec
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .base import LayerActivations, LayerSpec
-from .rotation import layer_seed, randomized_hadamard
+from .base import LayerSpec, no_calibration
+from .rotation import randomized_hadamard, seeded_codecs
 from .scalar import ScalarCodec, sphere_levels
 
 DEFAULT_KEY_BITS = 4
@@ -33,13 +33,9 @@ def make_codec(num_heads: int, head_dim: int, bits: int, seed: int) -> ScalarCod
     )
 
 
-def calibrate(acts: LayerActivations, spec: LayerSpec) -> dict[str, mx.array]:
-    """No data needed: nothing to store."""
-    return {}
+calibrate = no_calibration
 
 
 def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[ScalarCodec, ScalarCodec]:
     """(key codec, value codec) for one layer; K and V get different rotations."""
-    H, D = spec.num_kv_heads, spec.head_dim
-    return (make_codec(H, D, spec.key_bits, layer_seed(spec.seed, spec.layer, 0)),
-            make_codec(H, D, spec.value_bits, layer_seed(spec.seed, spec.layer, 1)))
+    return seeded_codecs(spec, lambda dim, bits, seed: make_codec(spec.num_kv_heads, dim, bits, seed))

@@ -34,7 +34,7 @@ from . import turboquant_mse
 from .base import (LayerActivations, LayerSpec, attention_mass, cauchy_schwarz_scale, query_energy, tensor,
                    to_pairs)
 from .rope import PreRopeCodec, spec_rope
-from .rotation import layer_rotation
+from .rotation import KEY_ROTATION, layer_rotation
 from .vq import kmeans, nearest, train_sample
 
 DEFAULT_KEY_BITS = 2
@@ -119,7 +119,7 @@ def calibrate(acts: LayerActivations, spec: LayerSpec, query_aware: bool = True,
         # λ ≈ (E k²)^(1/4) is the query-blind case of the Cauchy-Schwarz scale; dividing it
         # by (E q²)^(1/4) per RoPE pair moves precision to the pairs queries read.
         smooth = smooth / cauchy_schwarz_scale(query_energy(acts, rope.pairs), np.ones_like(smooth))
-    y = (k / smooth) @ np.array(layer_rotation(spec, 0))
+    y = (k / smooth) @ np.array(layer_rotation(spec, KEY_ROTATION))
     weights = attention_mass(acts) ** WEIGHT_POWER
     books = fit_codebooks(y, spec.key_bits, weights, per_head, seed=spec.seed + spec.layer)
     return {"keys.smooth": mx.array(smooth), "keys.codebooks": mx.array(books)}
@@ -134,6 +134,6 @@ def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[PreRopeC
     if books.shape[0] not in (1, H):
         books = tensor(tensors, "keys.codebooks", (H, D // d, K, d))
     inner = ProductCodec(smooth=tensor(tensors, "keys.smooth", (H, D), mx.float32),
-                         rotation=layer_rotation(spec, 0), codebooks=mx.broadcast_to(books, (H, D // d, K, d)))
+                         rotation=layer_rotation(spec, KEY_ROTATION), codebooks=mx.broadcast_to(books, (H, D // d, K, d)))
     _, values = turboquant_mse.make_codecs({}, spec)
     return PreRopeCodec(inner, rope), values

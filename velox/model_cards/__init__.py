@@ -12,11 +12,21 @@ QUALITY_START = "<!-- velox-eval:start -->"
 QUALITY_END = "<!-- velox-eval:end -->"
 
 
+def method_notes(entry: dict) -> str:
+    """What else shapes a method's caches: allocation, fp16 regions, options."""
+    notes = []
+    if entry.get("alloc") == "ratequant":
+        notes.append(f"RateQuant: {entry.get('achieved_bits')} bits on average, per (layer, KV head, K/V)")
+    notes += [f"{k} {entry[k]} fp16 tokens" for k in ("sink", "window") if entry.get(k)]
+    notes += [f"{k} {v}" for k, v in entry.get("options", {}).items()]
+    return "; ".join(notes)
+
+
 def render_card(kvq: dict, base_model: str, name: str, repo: str | None = None) -> str:
     """README.md text for a folder whose config.json carries ``kvq``."""
     methods = kvq["methods"]
     rows = "\n".join(
-        f"| `{m}` | {e['key_bits']} | {e['value_bits']} | {e.get('fit_seconds', 0):.1f} |"
+        f"| `{m}` | {e['key_bits']} | {e['value_bits']} | {e.get('fit_seconds', 0):.1f} | {method_notes(e)} |"
         for m, e in methods.items()
     )
     cal = kvq.get("calibration", {})

@@ -29,6 +29,12 @@ def _model_modules():
             if m is not None and (name == "mlx_lm.models.base" or name.startswith("mlx_lm.models."))]
 
 
+def is_installed() -> bool:
+    """Whether mlx_lm.models.base currently points at the dispatcher (model modules
+    imported after ``install`` pick it up from there)."""
+    return base.scaled_dot_product_attention is dispatch_attention
+
+
 def install() -> None:
     """Point mlx_lm.models.base and every loaded model module at the dispatcher (idempotent)."""
     for module in _model_modules():

@@ -1,9 +1,18 @@
 """VeloxKVCache: an mlx_lm-compatible KV cache that holds only codes.
 
 Keys and values are encoded as they arrive (``codec.encode``) and kept as packed
-uint32 words plus per-vector fp16 norms, in buffers grown in steps like mlx_lm's
-KVCache. ``update_and_fetch`` returns the decoded keys/values of the whole cache,
-so every later token attends to the compressed history.
+codes plus per-vector scalars, in buffers grown in steps like mlx_lm's KVCache.
+``update_and_fetch`` returns the decoded keys/values of the whole cache, so every
+later token attends to the compressed history.
+
+Fast path (``fast=True``, codecs that ``velox.kernels`` supports, the attention
+dispatcher installed): ``update_and_fetch`` returns only the new keys/values and
+``attend`` computes attention from the codes (``velox.kernels.attend``), so no step
+decodes the history. ``fetch()`` still gives the decoded history to code that needs it.
+
+Two optional fp16 regions bracket the codes: the first ``sink`` tokens (attention
+sinks) and the most recent ``window`` tokens (KIVI's residual window; a token is
+encoded when it leaves the window). Positions: [sink | coded | window].
 
 No ``bits`` attribute on purpose: mlx_lm would route such a cache to its own
 affine quantized attention.
@@ -16,31 +25,49 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache, create_attention_mask
 
+from .. import kernels
+from . import attention
+
 
 class VeloxKVCache(_BaseCache):
     """Compressed KV cache for one attention layer.
 
     key_codec / value_codec: objects with ``encode(x [B, H, L, D], offset) -> tuple of
-    arrays [B, H, L, ...]`` and ``decode(*parts, offset) -> [B, H, L, D]``, where offset
+    arrays [B, H', L, ...]`` and ``decode(*parts, offset) -> [B, H, L, D]``, where offset
     is the position of the first token (position-aware codecs code keys before RoPE).
+    sink / window: tokens kept in fp16 at the start / the end of the sequence.
+    fast: attend from the codes when the codecs allow it (see the module docstring).
     """
 
     step = 256
 
-    def __init__(self, key_codec: Any, value_codec: Any, method: str = "", sink: int = 0):
+    def __init__(self, key_codec: Any, value_codec: Any, method: str = "", sink: int = 0, window: int = 0,
+                 fast: bool = False):
         self.key_codec = key_codec
         self.value_codec = value_codec
         self.method = method
-        self.sink = sink  # the first `sink` tokens stay in fp16 (attention sinks)
-        self.sink_keys: mx.array | None = None     # [B, H, sink, D] float16
-        self.sink_values: mx.array | None = None
-        self.keys: list[mx.array] | None = None    # encoded parts, each [B, H, S_alloc, ...]
+        self.sink = sink
+        self.window = window
+        self.sink_kv: list[mx.array] | None = None    # [keys, values], each [B, H, sink, D] float16
+        self.recent_kv: list[mx.array] | None = None  # [keys, values], each [B, H, <= window, D] float16
+        self.keys: list[mx.array] | None = None       # encoded parts, each [B, H', S_alloc, ...]
         self.values: list[mx.array] | None = None
+        self.coded = 0   # tokens held as codes
         self.offset = 0
         self.elements_per_token = 0  # K + V elements per token, to report the fp16 equivalent
+        self.fast = fast and kernels.supports(key_codec, value_codec)
+        # Whether the last update_and_fetch returned only the new tokens (attend must read the codes).
+        self.codes_only = False
+
+    @property
+    def n_sink(self) -> int:
+        return min(self.offset, self.sink)
+
+    @property
+    def n_recent(self) -> int:
+        return self.offset - self.n_sink - self.coded
 
     def _grow(self, buffers: list[mx.array] | None, parts: tuple, needed: int) -> list[mx.array]:
-        prev = self.offset - self.sink if self.offset > self.sink else 0
         if buffers is not None and needed <= buffers[0].shape[2]:
             return buffers
         n_steps = (needed + self.step - 1) // self.step
@@ -50,86 +77,129 @@ class VeloxKVCache(_BaseCache):
             shape[2] = n_steps * self.step
             new = mx.zeros(shape, p.dtype)
             if buffers is not None:
-                new[:, :, :prev] = buffers[i][:, :, :prev]
+                new[:, :, :self.coded] = buffers[i][:, :, :self.coded]
             grown.append(new)
         return grown
 
+    def _encode(self, keys: mx.array, values: mx.array) -> None:
+        """Append keys/values [B, H, L, D] (the tokens right after the coded ones) as codes."""
+        position = self.n_sink + self.coded
+        k_parts = self.key_codec.encode(keys, offset=position)
+        v_parts = self.value_codec.encode(values, offset=position)
+        end = self.coded + keys.shape[2]
+        self.keys = self._grow(self.keys, k_parts, end)
+        self.values = self._grow(self.values, v_parts, end)
+        for buf, part in zip(self.keys + self.values, k_parts + v_parts):
+            buf[:, :, self.coded:end] = part
+        self.coded = end
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Encode keys/values [B, H, L, D], store, return decoded [B, H, offset+L, D]."""
+        """Store keys/values [B, H, L, D]; return the decoded history [B, H, offset+L, D],
+        or on the fast path the given keys/values themselves (``attend`` ignores them)."""
+        new_keys, new_values = keys, values
         dtype = keys.dtype
         self.elements_per_token = keys.shape[1] * keys.shape[3] + values.shape[1] * values.shape[3]
         n_sink = max(0, min(self.sink - self.offset, keys.shape[2]))
         if n_sink:
-            self._store_sink(keys[:, :, :n_sink], values[:, :, :n_sink])
+            new = [x[:, :, :n_sink].astype(mx.float16) for x in (keys, values)]
+            self.sink_kv = new if self.sink_kv is None else [mx.concatenate([a, b], axis=2)
+                                                            for a, b in zip(self.sink_kv, new)]
             keys, values = keys[:, :, n_sink:], values[:, :, n_sink:]
             self.offset += n_sink
-        if keys.shape[2]:
-            k_parts = self.key_codec.encode(keys, offset=self.offset)
-            v_parts = self.value_codec.encode(values, offset=self.offset)
-            prev = self.offset - self.sink
-            end = prev + keys.shape[2]
-            self.keys = self._grow(self.keys, k_parts, end)
-            self.values = self._grow(self.values, v_parts, end)
-            for buf, part in zip(self.keys, k_parts):
-                buf[:, :, prev:end] = part
-            for buf, part in zip(self.values, v_parts):
-                buf[:, :, prev:end] = part
+        if keys.shape[2] and self.window:
+            new = [x.astype(mx.float16) for x in (keys, values)]
+            if self.recent_kv is not None:
+                new = [mx.concatenate([a, b], axis=2) for a, b in zip(self.recent_kv, new)]
+            leaving = new[0].shape[2] - self.window
             self.offset += keys.shape[2]
-        return self._fetch(dtype)
+            if leaving > 0:
+                self._encode(new[0][:, :, :leaving], new[1][:, :, :leaving])
+                new = [x[:, :, leaving:] for x in new]
+            self.recent_kv = new
+        elif keys.shape[2]:
+            self.offset += keys.shape[2]
+            self._encode(keys, values)
+        # Only while the dispatcher is installed does attention reach ``attend``; otherwise
+        # mlx_lm's own sdpa would see just the new tokens, so hand it the decoded history.
+        self.codes_only = self.fast and attention.is_installed()
+        if self.codes_only:
+            return new_keys, new_values
+        return self.fetch(dtype)
 
-    def _store_sink(self, keys: mx.array, values: mx.array) -> None:
-        if self.sink_keys is None:
-            B, H, _, D = keys.shape
-            self.sink_keys = mx.zeros((B, H, self.sink, D), mx.float16)
-            self.sink_values = mx.zeros((B, H, self.sink, values.shape[-1]), mx.float16)
-        start, end = self.offset, self.offset + keys.shape[2]
-        self.sink_keys[:, :, start:end] = keys.astype(mx.float16)
-        self.sink_values[:, :, start:end] = values.astype(mx.float16)
-
-    def _fetch(self, dtype) -> tuple[mx.array, mx.array]:
-        n_sink = min(self.offset, self.sink)
-        n_coded = self.offset - n_sink
+    def fetch(self, dtype=mx.float32) -> tuple[mx.array, mx.array]:
+        """The decoded history: keys, values [B, H, offset, D] in ``dtype``."""
         ks, vs = [], []
-        if n_sink:
-            ks.append(self.sink_keys[:, :, :n_sink].astype(dtype))
-            vs.append(self.sink_values[:, :, :n_sink].astype(dtype))
-        if n_coded:
-            ks.append(self.key_codec.decode(*[b[:, :, :n_coded] for b in self.keys], offset=n_sink).astype(dtype))
-            vs.append(self.value_codec.decode(*[b[:, :, :n_coded] for b in self.values], offset=n_sink).astype(dtype))
+        if self.n_sink:
+            ks.append(self.sink_kv[0][:, :, :self.n_sink].astype(dtype))
+            vs.append(self.sink_kv[1][:, :, :self.n_sink].astype(dtype))
+        if self.coded:
+            n = self.coded
+            ks.append(self.key_codec.decode(*[b[:, :, :n] for b in self.keys], offset=self.n_sink).astype(dtype))
+            vs.append(self.value_codec.decode(*[b[:, :, :n] for b in self.values], offset=self.n_sink).astype(dtype))
+        if self.n_recent:
+            ks.append(self.recent_kv[0][:, :, :self.n_recent].astype(dtype))
+            vs.append(self.recent_kv[1][:, :, :self.n_recent].astype(dtype))
         if len(ks) == 1:
             return ks[0], vs[0]
         return mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
+
+    def compressed(self) -> kernels.CompressedKV:
+        """What the cache holds, for ``velox.kernels.attend`` (code buffers whole, see CompressedKV)."""
+        n_sink, n_recent = self.n_sink, self.n_recent
+        return kernels.CompressedKV(
+            key_codec=self.key_codec, value_codec=self.value_codec, n_coded=self.coded,
+            keys=tuple(self.keys) if self.coded else None, values=tuple(self.values) if self.coded else None,
+            sink=tuple(x[:, :, :n_sink] for x in self.sink_kv) if n_sink else None,
+            recent=tuple(x[:, :, :n_recent] for x in self.recent_kv) if n_recent else None)
+
+    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float,
+               mask=None, sinks: mx.array | None = None) -> mx.array:
+        """Attention for the dispatcher: queries [B, Hq, L, D] -> [B, Hq, L, D]. keys/values
+        are what update_and_fetch returned (the decoded history unless ``codes_only``)."""
+        if self.codes_only:
+            return kernels.attend(queries, self.compressed(), scale=scale, mask=mask, sinks=sinks)
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
 
     def size(self) -> int:
         return self.offset
 
     @property
     def state(self):
-        n_coded = max(0, self.offset - self.sink)
-        cut = lambda bufs: [] if bufs is None else [b[:, :, :n_coded] for b in bufs]
-        sink = [] if self.sink_keys is None else [self.sink_keys, self.sink_values]
-        return cut(self.keys), cut(self.values), sink, self.offset
+        cut = lambda bufs: [] if bufs is None else [b[:, :, :self.coded] for b in bufs]
+        fp16 = lambda kv, n: [] if kv is None else [x[:, :, :n] for x in kv]
+        return (cut(self.keys), cut(self.values), fp16(self.sink_kv, self.n_sink),
+                fp16(self.recent_kv, self.n_recent), self.offset)
 
     @state.setter
     def state(self, v):
-        keys, values, sink, self.offset = v
+        keys, values, sink, recent, self.offset = v
         self.keys = list(keys) or None
         self.values = list(values) or None
-        self.sink_keys, self.sink_values = sink if sink else (None, None)
+        self.coded = self.keys[0].shape[2] if self.keys else 0
+        self.sink_kv = list(sink) or None
+        self.recent_kv = list(recent) or None
 
     def is_trimmable(self) -> bool:
         return True
 
     def trim(self, n: int) -> int:
+        """Drop the last n tokens: from the window first, then the codes, then the sink."""
         n = min(self.offset, n)
+        from_recent = min(n, self.n_recent)
+        if from_recent:
+            self.recent_kv = [x[:, :, :self.n_recent - from_recent] for x in self.recent_kv]
+        from_coded = min(n - from_recent, self.coded)
+        self.coded -= from_coded
         self.offset -= n
+        if self.sink_kv is not None:
+            self.sink_kv = [x[:, :, :self.n_sink] for x in self.sink_kv]
         return n
 
     def make_mask(self, *args, **kwargs):
         return create_attention_mask(*args, offset=self.offset, **kwargs)
 
     def empty(self) -> bool:
-        return self.offset == 0 and self.keys is None and self.sink_keys is None
+        return self.offset == 0
 
     @property
     def fp16_nbytes(self) -> int:
@@ -140,8 +210,6 @@ class VeloxKVCache(_BaseCache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the arrays this cache holds (codes and norms, with step slack)."""
-        held = (self.keys or []) + (self.values or [])
-        if self.sink_keys is not None:
-            held += [self.sink_keys, self.sink_values]
+        """Bytes of the arrays this cache holds (codes, scalars with step slack, fp16 sink and window)."""
+        held = (self.keys or []) + (self.values or []) + (self.sink_kv or []) + (self.recent_kv or [])
         return sum(b.nbytes for b in held)

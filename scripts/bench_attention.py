@@ -1,0 +1,121 @@
+"""Per-step decode attention: full-precision SDPA, mlx_lm's 4-bit quantized attention,
+velox decode-everything and velox's compressed-domain fast path, in one run.
+
+Llama-3-8B-shaped attention (32 query heads, 8 KV heads, head_dim 128), one query
+token, random data (speed does not depend on the values). On MLX's CPU backend the
+model computes in float32, so the full-precision baseline holds float32 K/V there;
+``--dtype float16`` to compare against fp16 K/V instead.
+
+    python scripts/bench_attention.py --contexts 1024,4096,8192
+
+Bytes read per step are the arrays attention must read: K and V for SDPA, codes +
+scales + biases for mlx_lm, codes + fp16 norms for velox (decode-everything reads the
+same codes, then writes and re-reads the decoded fp32 history).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mlx_lm.models.base import quantized_scaled_dot_product_attention  # noqa: E402
+
+from velox import kernels  # noqa: E402
+from velox.cpu import reexec_with_openblas  # noqa: E402
+from velox.methods import turboquant_mse  # noqa: E402
+from velox.runtime.cache import VeloxKVCache  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+
+
+def median_seconds(fn, iters: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        mx.eval(fn())
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def nbytes(arrays) -> int:
+    return sum(a.nbytes for a in arrays)
+
+
+def bench_context(S: int, dtype: mx.Dtype, key_bits: int, value_bits: int, iters: int) -> list[dict]:
+    """One row per method: {"method", "seconds", "bytes"} for one decode step at context S."""
+    keys = mx.random.normal((1, HKV, S, D), key=mx.random.key(1))
+    values = mx.random.normal((1, HKV, S, D), key=mx.random.key(2))
+    q = mx.random.normal((1, HQ, 1, D), key=mx.random.key(3)).astype(dtype)
+    scale = D**-0.5
+    k_full, v_full = keys.astype(dtype), values.astype(dtype)
+    qk, qv = mx.quantize(k_full, group_size=64, bits=4), mx.quantize(v_full, group_size=64, bits=4)
+    cache = VeloxKVCache(turboquant_mse.make_codec(HKV, D, key_bits, 0), turboquant_mse.make_codec(HKV, D, value_bits, 1),
+                         method="turboquant_mse")
+    cache.update_and_fetch(keys, values)  # encodes (fast=False: the cache decodes on fetch)
+    mx.eval(k_full, v_full, qk, qv, cache.keys, cache.values)
+    coded = cache.compressed()
+    velox_bytes = coded.coded_nbytes
+
+    def decode_everything():
+        k, v = cache.fetch(dtype)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=None)
+
+    cases = [
+        (f"{'fp16' if dtype == mx.float16 else str(dtype).split('.')[-1]} mx.fast.scaled_dot_product_attention",
+         lambda: mx.fast.scaled_dot_product_attention(q, k_full, v_full, scale=scale, mask=None),
+         k_full.nbytes + v_full.nbytes),
+        ("mlx_lm QuantizedKVCache 4-bit (group 64)",
+         lambda: quantized_scaled_dot_product_attention(q, qk, qv, scale=scale, mask=None, group_size=64, bits=4),
+         nbytes(qk + qv)),
+        (f"velox turboquant_mse {key_bits}/{value_bits}, decode everything", decode_everything, velox_bytes),
+        (f"velox turboquant_mse {key_bits}/{value_bits}, fast path ({kernels.backend()})",
+         lambda: kernels.attend(q, cache.compressed(), scale=scale, mask=None), velox_bytes),
+    ]
+    if kernels.backend() == "cuda":  # the fused kernel alone: how close to the byte floor it gets
+        from velox.kernels import cuda
+
+        q_rot = (q.astype(mx.float32).reshape(1, HKV, HQ // HKV, D) * scale) @ cache.key_codec.rotation
+        cases.append((f"velox turboquant_mse {key_bits}/{value_bits}, CUDA kernels alone",
+                      lambda: cuda.coded_partial(q_rot, None, coded), velox_bytes))
+    return [{"method": name, "seconds": median_seconds(fn, iters), "bytes": b} for name, fn, b in cases]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", default="1024,4096,8192")
+    ap.add_argument("--dtype", default=None, help="K/V/query dtype (default: float32 on CPU, float16 on GPU)")
+    ap.add_argument("--key-bits", type=int, default=4)
+    ap.add_argument("--value-bits", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=20)
+    args = ap.parse_args(argv)
+    on_cpu = mx.default_device() == mx.cpu
+    if on_cpu:
+        reexec_with_openblas()
+    dtype = getattr(mx, args.dtype) if args.dtype else (mx.float32 if on_cpu else mx.float16)
+
+    print(f"device: {mx.default_device()}, mlx {mx.__version__}, dtype {dtype}, "
+          f"{HQ} query heads / {HKV} KV heads / head_dim {D}, batch 1, one query token, median of {args.iters}")
+    print()
+    print("| context | attention | time/step | × full precision | bytes read/step | bytes ÷ time |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for S in (int(c) for c in args.contexts.split(",")):
+        rows = bench_context(S, dtype, args.key_bits, args.value_bits, args.iters)
+        ref = rows[0]["seconds"]
+        for r in rows:
+            t = r["seconds"]
+            print(f"| {S} | {r['method']} | {t * 1e3:.2f} ms | {t / ref:.2f} | {r['bytes'] / 2**20:.2f} MiB "
+                  f"| {r['bytes'] / t / 1e9:.1f} GB/s |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Compressed-domain attention: one dispatch point over the backends.
+
+``attend`` picks a custom kernel for the running backend when one exists for the
+cache's codecs and shapes, and otherwise runs the pure-mx reference
+(``reference.attend``), which is also what MLX's CPU backend always gets (custom
+kernels do not run there).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+
+from .reference import CompressedKV, Mask, supports
+from .reference import attend as reference_attend
+
+__all__ = ["CompressedKV", "attend", "backend", "supports"]
+
+
+def backend() -> str:
+    """'metal', 'cuda' or 'cpu': where the default device runs custom kernels (if anywhere)."""
+    if mx.default_device().type != mx.DeviceType.gpu:
+        return "cpu"
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    return "cuda" if cuda is not None and cuda.is_available() else "cpu"
+
+
+def attend(queries: mx.array, kv: CompressedKV, scale: float, mask: Mask = None,
+           sinks: Optional[mx.array] = None) -> mx.array:
+    """Attention of queries [B, Hq, L, D] over a compressed cache -> [B, Hq, L, D]
+    (semantics of ``mx.fast.scaled_dot_product_attention`` on the decoded cache)."""
+    return reference_attend(queries, kv, scale=scale, mask=mask, sinks=sinks,
+                            coded_partial=_kernel_for(backend(), queries, kv, mask))
+
+
+def _kernel_for(name: str, queries: mx.array, kv: CompressedKV, mask: Mask):
+    """The custom kernel over the coded tokens for this backend and case, or None (the
+    reference computes them). The fp16 regions, sinks and the output stay in mx."""
+    if name == "cuda":
+        from . import cuda
+
+        if cuda.supports(queries, kv, mask):
+            return cuda.coded_partial
+    return None
