@@ -11,6 +11,8 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from velox.runtime import attention
+
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2 = ROOT / ".cache" / "smollm2-135m-instruct"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -48,3 +50,13 @@ def write_tiny_llama(folder: Path, tokenizer_src: Path, **overrides) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(smollm2_path, tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", smollm2_path)
+
+
+@pytest.fixture
+def dispatcher():
+    """The attention dispatcher installed for the test, then put back as it was."""
+    was = attention.is_installed()
+    attention.install()
+    yield
+    if not was:
+        attention.uninstall()

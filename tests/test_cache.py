@@ -4,15 +4,10 @@ import pytest
 from mlx_lm.models.cache import KVCache
 
 from velox.methods import turboquant_mse
-from velox.runtime.cache import VeloxKVCache
+from velox.runtime.cache import ExactCodec, VeloxKVCache
 
 
-class Identity:
-    def encode(self, x, offset=0):
-        return (x,)
-
-    def decode(self, x, offset=0):
-        return x
+Identity = ExactCodec
 
 
 def make(bits=4, sink=0):

@@ -14,16 +14,11 @@ from velox.convert.capture import capture
 from velox.convert.cli import main as convert_main
 from velox.eval import attention_fidelity, bootstrap_delta, mlx_baseline_cache, teacher_forced_nll
 from velox.format import VeloxFormatError
-from velox.runtime.cache import VeloxKVCache
+from velox.runtime.cache import ExactCodec, VeloxKVCache
 from velox.runtime.evaluate import main as eval_main
 
 
-class Identity:
-    def encode(self, x, offset=0):
-        return (x,)
-
-    def decode(self, x, offset=0):
-        return x
+Identity = ExactCodec
 
 
 class DropHalf(Identity):

@@ -23,7 +23,7 @@ from ..format import ARTIFACT_FILE, FORMAT_VERSION, MAX_BITS, MAX_FP16_TOKENS, s
 from ..methods import LayerSpec, get_method, outliers, ratequant
 from ..methods.rope import layer_rope, spec_rope
 from ..model_cards import render_card
-from ..runtime.cache import VeloxKVCache
+from ..runtime.cache import ExactCodec, VeloxKVCache
 from ..runtime.loader import resolve_path
 from .calib_data import load_calibration
 from .capture import capture
@@ -134,16 +134,6 @@ KL_STRIDE = 4
 PROBE_BITS = 2  # width at which each layer's loss sensitivity is measured
 
 
-class _Exact:
-    """Identity codec: leaves one of K/V exact while the other is coded."""
-
-    def encode(self, x, offset=0):
-        return (x,)
-
-    def decode(self, x, offset=0):
-        return x
-
-
 def layer_kl(model, tokens: np.ndarray, layer_codecs: list, part: int) -> np.ndarray:
     """Mean KL(exact ‖ coded) of the next-token distributions over ``tokens [S, T]`` when only
     layer l's keys (part 0) or values (part 1) are coded, for each layer -> [L] (0 where
@@ -156,7 +146,7 @@ def layer_kl(model, tokens: np.ndarray, layer_codecs: list, part: int) -> np.nda
     for i, codecs in enumerate(layer_codecs):
         if codecs is None:
             continue
-        pair = [_Exact(), _Exact()]
+        pair = [ExactCodec(), ExactCodec()]
         pair[part] = codecs[part]
         caches = make_prompt_cache(model)
         caches[i] = VeloxKVCache(*pair)

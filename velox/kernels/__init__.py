@@ -32,16 +32,13 @@ def attend(queries: mx.array, kv: CompressedKV, scale: float, mask: Mask = None,
            sinks: Optional[mx.array] = None) -> mx.array:
     """Attention of queries [B, Hq, L, D] over a compressed cache -> [B, Hq, L, D]
     (semantics of ``mx.fast.scaled_dot_product_attention`` on the decoded cache)."""
-    return reference_attend(queries, kv, scale=scale, mask=mask, sinks=sinks,
-                            coded_partial=_kernel_for(backend(), queries, kv, mask))
-
-
-def _kernel_for(name: str, queries: mx.array, kv: CompressedKV, mask: Mask):
-    """The custom kernel over the coded tokens for this backend and case, or None (the
-    reference computes them). The fp16 regions, sinks and the output stay in mx."""
-    if name == "cuda":
+    if backend() == "cuda":
         from . import cuda
 
         if cuda.supports(queries, kv, mask):
-            return cuda.coded_partial
-    return None
+            if kv.sink is None and kv.recent is None:  # codes only: the whole step in three launches
+                return cuda.decode(queries, kv, scale, sinks)
+            # fp16 regions: the kernels take the coded tokens, the reference merges the rest
+            return reference_attend(queries, kv, scale=scale, mask=mask, sinks=sinks,
+                                    coded_partial=cuda.coded_partial)
+    return reference_attend(queries, kv, scale=scale, mask=mask, sinks=sinks)

@@ -29,6 +29,16 @@ from .. import kernels
 from . import attention
 
 
+class ExactCodec:
+    """Identity codec: keeps a tensor as it is (to code only keys or only values, or to test)."""
+
+    def encode(self, x: mx.array, offset: int = 0) -> tuple[mx.array]:
+        return (x,)
+
+    def decode(self, x: mx.array, offset: int = 0) -> mx.array:
+        return x
+
+
 class VeloxKVCache(_BaseCache):
     """Compressed KV cache for one attention layer.
 

@@ -1,0 +1,107 @@
+"""End-to-end decode speed: a model with mlx_lm's own KV cache against the same model with
+velox turboquant_mse caches on the compressed-domain fast path, at several contexts.
+
+Random weights (speed does not depend on them), mlx_lm's llama module; the default shape is
+small enough for a CPU (``--hidden 1024 --layers 8 --heads 16 --kv-heads 4 --head-dim 64``).
+The prompt of each context is prefilled in chunks, then ``--tokens`` greedy tokens are timed
+one step (one eval) at a time; the median step gives tok/s.
+
+    python scripts/bench_decode.py --contexts 1024,4096 --tokens 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mlx_lm.models import llama  # noqa: E402
+from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+
+from velox.cpu import reexec_with_openblas  # noqa: E402
+from velox.methods import turboquant_mse  # noqa: E402
+from velox.runtime import attention  # noqa: E402
+from velox.runtime.cache import VeloxKVCache  # noqa: E402
+
+PREFILL_CHUNK = 512
+
+
+def build_model(args, dtype: mx.Dtype) -> llama.Model:
+    config = dict(model_type="llama", hidden_size=args.hidden, num_hidden_layers=args.layers,
+                  intermediate_size=2 * args.hidden, num_attention_heads=args.heads,
+                  num_key_value_heads=args.kv_heads, head_dim=args.head_dim, rms_norm_eps=1e-5,
+                  vocab_size=32000, rope_theta=500000.0, tie_word_embeddings=True,
+                  max_position_embeddings=1 << 17)
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def velox_cache(model, bits: int) -> list:
+    """One turboquant_mse VeloxKVCache (fast path) per layer."""
+    a = model.args
+    return [VeloxKVCache(turboquant_mse.make_codec(a.num_key_value_heads, a.head_dim, bits, 2 * i),
+                         turboquant_mse.make_codec(a.num_key_value_heads, a.head_dim, bits, 2 * i + 1),
+                         method="turboquant_mse", fast=True)
+            for i in range(len(model.layers))]
+
+
+def decode_seconds(model, cache: list, context: int, tokens: int) -> float:
+    """Prefill ``context`` random tokens, then the median seconds of one greedy decode step."""
+    prompt = mx.random.randint(0, 32000, (1, context), key=mx.random.key(1))
+    for a in range(0, context, PREFILL_CHUNK):
+        logits = model(prompt[:, a:a + PREFILL_CHUNK], cache=cache)
+        mx.eval(logits)
+    tok = mx.argmax(logits[:, -1], axis=-1)
+    times = []
+    for _ in range(tokens):
+        start = time.perf_counter()
+        logits = model(tok[:, None], cache=cache)
+        tok = mx.argmax(logits[:, -1], axis=-1)
+        mx.eval(tok)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", default="1024,4096")
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--dtype", default=None, help="model dtype (default: float32 on CPU, float16 on GPU)")
+    args = ap.parse_args(argv)
+    on_cpu = mx.default_device() == mx.cpu
+    if on_cpu:
+        reexec_with_openblas()
+    dtype = getattr(mx, args.dtype) if args.dtype else (mx.float32 if on_cpu else mx.float16)
+    model = build_model(args, dtype)
+    attention.install()
+
+    print(f"device: {mx.default_device()}, mlx {mx.__version__}, dtype {dtype}, llama {args.layers} layers, "
+          f"hidden {args.hidden}, {args.heads} query heads / {args.kv_heads} KV heads / head_dim {args.head_dim}, "
+          f"median of {args.tokens} decode steps")
+    print()
+    print(f"| context | mlx_lm KVCache tok/s | velox turboquant_mse {args.bits}/{args.bits} fast path tok/s | ratio |")
+    print("|---:|---:|---:|---:|")
+    for S in (int(c) for c in args.contexts.split(",")):
+        native = decode_seconds(model, make_prompt_cache(model), S, args.tokens)
+        velox = decode_seconds(model, velox_cache(model, args.bits), S, args.tokens)
+        print(f"| {S} | {1 / native:.1f} | {1 / velox:.1f} | {native / velox:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
