@@ -39,8 +39,9 @@ def test_randomized_hadamard_is_orthogonal_and_seeded():
     assert not mx.array_equal(r, randomized_hadamard(64, 4))
     odd = randomized_hadamard(48, 0)  # 48 = 12·4 is supported; 50 falls back to QR
     assert mx.allclose(odd @ odd.T, mx.eye(48), atol=1e-5)
-    q = randomized_hadamard(50, 0)
-    assert mx.allclose(q @ q.T, mx.eye(50), atol=1e-5)
+    for n in (50, 60):  # 60: MLX 0.32 corrupts the heap instead of refusing it (kv-outliers 4 at D 64)
+        q = randomized_hadamard(n, 0)
+        assert mx.allclose(q @ q.T, mx.eye(n), atol=1e-5)
 
 
 def test_allocate_bits_spends_exact_budget_where_variance_is():

@@ -14,14 +14,21 @@ def randomized_hadamard(dim: int, seed: int) -> mx.array:
     """
     rng = np.random.default_rng(seed)
     signs = rng.choice([-1.0, 1.0], size=dim).astype(np.float32)
-    try:
+    if hadamard_supported(dim):
         # Row i of the result is the transform of signs[i]·e_i, i.e. R[i] = s_i·H[i]/√D.
         rot = mx.hadamard_transform(mx.array(np.diag(signs)), scale=dim**-0.5)
         mx.eval(rot)
         return rot
-    except ValueError:
-        q, r = np.linalg.qr(rng.standard_normal((dim, dim)))
-        return mx.array((q * np.sign(np.diag(r))).astype(np.float32))
+    q, r = np.linalg.qr(rng.standard_normal((dim, dim)))
+    return mx.array((q * np.sign(np.diag(r))).astype(np.float32))
+
+
+def hadamard_supported(dim: int) -> bool:
+    """Whether ``mx.hadamard_transform`` takes this size: m·2^k with m in 1, 12, 20, 28.
+
+    Checked here because MLX 0.32 does not always refuse the others: size 60 corrupts
+    the heap instead of raising."""
+    return any(dim % m == 0 and (dim // m) & (dim // m - 1) == 0 for m in (1, 12, 20, 28))
 
 
 KEY_ROTATION, VALUE_ROTATION, KEY_SKETCH = 0, 1, 2  # the seeded random parts of a layer
