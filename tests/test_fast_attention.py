@@ -1,5 +1,7 @@
 """Compressed-domain attention (velox.kernels) against the decode-everything path."""
 
+import importlib
+
 import mlx.core as mx
 import mlx_lm
 import numpy as np
@@ -166,7 +168,7 @@ def test_tiny_llama_generates_the_same_tokens_fast_or_not(converted_tq):
 
 def per_coordinate_codec(codec: ScalarCodec, seed: int) -> ScalarCodec:
     """A calibrated-like codec: per-coordinate scales, a mean, and a codebook per coordinate
-    (the CUDA kernel's general table instead of the lane-replicated shared one)."""
+    (the kernels' general table instead of the lane-replicated shared one)."""
     H, D, _ = codec.levels.shape
     stretch = mx.random.uniform(0.5, 1.5, (H, D, 1), key=mx.random.key(seed))
     return ScalarCodec(rotation=codec.rotation, levels=codec.levels * stretch, bits=codec.bits,
@@ -174,16 +176,18 @@ def per_coordinate_codec(codec: ScalarCodec, seed: int) -> ScalarCodec:
                        mean=0.3 * rand((H, D), seed + 2))
 
 
-@pytest.mark.skipif(kernels.backend() != "cuda", reason="the CUDA kernels run on MLX's CUDA backend only")
+@pytest.mark.parametrize("backend", [
+    pytest.param("cuda", marks=pytest.mark.skipif(kernels.backend() != "cuda", reason="needs MLX's CUDA backend")),
+    pytest.param("metal", marks=pytest.mark.skipif(not mx.metal.is_available(), reason="needs Apple silicon")),
+])
 @pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (32, 8, 128), (8, 8, 128), (64, 8, 128)])
 @pytest.mark.parametrize("n", [1, 70, 1000, 20000])
 @pytest.mark.parametrize("case", ["plain", "calibrated", "fp16_regions"])
-def test_cuda_kernel_matches_reference(hq, hkv, d, n, case):
-    """Decode over n coded tokens. plain: codes only (cuda.decode, shared codebook);
-    calibrated: + per-coordinate codebooks, means, attention sinks, batch 2, float16 queries;
-    fp16_regions: + fp16 sink/window tokens (cuda.coded_partial merged by the reference)."""
-    from velox.kernels import cuda
-
+def test_kernel_matches_reference(backend, hq, hkv, d, n, case):
+    """Decode over n coded tokens with the backend's kernels. plain: codes only (decode, shared
+    codebook); calibrated: + per-coordinate codebooks, means, attention sinks, batch 2, float16
+    queries; fp16_regions: + fp16 sink/window tokens (coded_partial merged by the reference)."""
+    fused = importlib.import_module(f"velox.kernels.{backend}")
     kc, vc = turboquant_mse.make_codec(hkv, d, 4, 0), turboquant_mse.make_codec(hkv, d, 4, 1)
     B, sink, window, dtype = 1, 0, 0, mx.float32
     if case != "plain":
@@ -198,7 +202,7 @@ def test_cuda_kernel_matches_reference(hq, hkv, d, n, case):
     assert kv.n_coded == n
     q = rand((B, hq, 1, d), 3).astype(dtype)
     sinks = rand((hq,), 4) if case != "plain" else None
-    assert cuda.supports(q, kv, None)
+    assert fused.supports(q, kv, None)
     got = kernels.attend(q, kv, scale=d**-0.5, sinks=sinks)
     assert got.dtype == dtype and got.shape == q.shape
     got = got.astype(mx.float32)

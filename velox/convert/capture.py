@@ -49,6 +49,15 @@ def plain_layers(model) -> list[bool]:
     return [type(c) is KVCache for c in make_prompt_cache(model)]
 
 
+def check_finite(layer: int, sequence: int, parts: tuple[tuple[str, np.ndarray], ...]) -> None:
+    """NaN/Inf in what a layer captured (after the float16 cast, which overflows past 65504)
+    would poison every statistic fitted from it: stop at the first sequence that has one."""
+    bad = [{"pre": "pre-RoPE keys"}.get(name, name) for name, x in parts if not np.isfinite(x).all()]
+    if bad:
+        raise ValueError(f"layer {layer}: NaN/Inf in captured {', '.join(bad)} (calibration sequence {sequence}); "
+                         "the model's activations are not finite there, so velox cannot calibrate on them")
+
+
 def capture(model, sequences: np.ndarray, progress: bool = True) -> list[LayerActivations | None]:
     """Run ``sequences [n_seq, L]`` through the model; one LayerActivations per layer.
 
@@ -78,7 +87,9 @@ def capture(model, sequences: np.ndarray, progress: bool = True) -> list[LayerAc
                 # [1, H, L, D] -> [L, H, D] float16
                 k, pre, v, q = (np.array(x[0].astype(mx.float32)).transpose(1, 0, 2).astype(np.float16)
                                 for x in arrays)
-                for name, x in (("keys", k), ("pre", pre), ("values", v), ("queries", q)):
+                parts = (("keys", k), ("pre", pre), ("values", v), ("queries", q))
+                check_finite(i, s, parts)
+                for name, x in parts:
                     store[i][name].append(x)
     finally:
         attention.uninstall()
@@ -92,8 +103,5 @@ def capture(model, sequences: np.ndarray, progress: bool = True) -> list[LayerAc
         join = lambda name: np.concatenate(st.pop(name))
         acts = LayerActivations(keys=join("keys"), keys_pre_rope=join("pre"), values=join("values"),
                                 queries=join("queries"), positions=positions)
-        bad = [n for n in ("keys", "values", "queries") if not np.isfinite(getattr(acts, n)).all()]
-        if bad:
-            raise FloatingPointError(f"layer {i}: NaN/Inf in captured {', '.join(bad)}")
         out.append(acts)
     return out

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true",
                    help="after converting, run a short velox-eval (2048 tokens vs fp16 and mlx_lm 4-bit) "
                         "and write the results into the model card")
+    p.add_argument("--upload-repo", default=None,
+                   help="Hugging Face repo id (user/name) to upload the folder to afterwards "
+                        "(created if needed; token from HF_TOKEN or login)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -86,8 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval:
         from ..runtime.evaluate import main as eval_main
 
-        return eval_main(["--model", args.mlx_path, "--tokens", "2048", "--baselines", "fp16,mlx4",
-                          "--passkey-lengths", "", "--update-card", *(["--quiet"] if args.quiet else [])])
+        rc = eval_main(["--model", args.mlx_path, "--tokens", "2048", "--baselines", "fp16,mlx4",
+                        "--passkey-lengths", "", "--update-card", *(["--quiet"] if args.quiet else [])])
+        if rc:
+            return rc
+    if args.upload_repo:  # last, so the uploaded card carries the --eval results
+        from ..hub import upload_or_report
+
+        return upload_or_report(args.mlx_path, args.upload_repo, prog="velox-convert")
     return 0
 
 

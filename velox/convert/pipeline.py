@@ -229,6 +229,24 @@ def calibrate_ratequant(name: str, acts: list, model, avg_bits: float, seed: int
     return entry, tensors
 
 
+def swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``target``. An existing target (--force) is moved
+    aside first and put back if the rename fails, so it is replaced whole or not at all."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    try:
+        os.replace(target, old / "x")
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(old / "x", target)
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def convert(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
             key_bits: Optional[int] = None, value_bits: Optional[int] = None,
             calib_data: Optional[str] = None, calib_tokens: int = 8192, calib_seq_len: int = 512,
@@ -309,13 +327,7 @@ def convert(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
         base = str(hf_path) if not Path(hf_path).exists() else Path(hf_path).name
         (tmp / "README.md").write_text(render_card(kvq, base_model=base, name=target.name))
 
-        if target.exists():  # --force: swap in the new folder, then drop the old one
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        swap_into_place(tmp, target)
         return kvq
-    finally:
+    finally:  # also on KeyboardInterrupt: nothing half-written stays beside the target
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,11 +3,13 @@
 ``attend`` picks a custom kernel for the running backend when one exists for the
 cache's codecs and shapes, and otherwise runs the pure-mx reference
 (``reference.attend``), which is also what MLX's CPU backend always gets (custom
-kernels do not run there).
+kernels do not run there). The kernels (``source``) are written once and compiled per backend:
+``cuda`` with ``mx.fast.cuda_kernel``, ``metal`` with ``mx.fast.metal_kernel``.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import mlx.core as mx
@@ -32,13 +34,13 @@ def attend(queries: mx.array, kv: CompressedKV, scale: float, mask: Mask = None,
            sinks: Optional[mx.array] = None) -> mx.array:
     """Attention of queries [B, Hq, L, D] over a compressed cache -> [B, Hq, L, D]
     (semantics of ``mx.fast.scaled_dot_product_attention`` on the decoded cache)."""
-    if backend() == "cuda":
-        from . import cuda
-
-        if cuda.supports(queries, kv, mask):
+    name = backend()
+    if name != "cpu":
+        fused = importlib.import_module(f".{name}", __name__)  # velox.kernels.cuda / .metal
+        if fused.supports(queries, kv, mask):
             if kv.sink is None and kv.recent is None:  # codes only: the whole step in three launches
-                return cuda.decode(queries, kv, scale, sinks)
+                return fused.decode(queries, kv, scale, sinks)
             # fp16 regions: the kernels take the coded tokens, the reference merges the rest
             return reference_attend(queries, kv, scale=scale, mask=mask, sinks=sinks,
-                                    coded_partial=cuda.coded_partial)
+                                    coded_partial=fused.coded_partial)
     return reference_attend(queries, kv, scale=scale, mask=mask, sinks=sinks)

@@ -3,7 +3,10 @@
 Every method module provides ``calibrate(acts, spec, **options) -> {name: array}``
 (options: method-specific calibration keywords, recorded in kv_quant),
 ``make_codecs(tensors, spec) -> (key_codec, value_codec)``, ``DEFAULT_KEY_BITS``,
-``DEFAULT_VALUE_BITS``, ``SUPPORTED_KEY_BITS`` and ``SUPPORTED_VALUE_BITS``. A codec has
+``DEFAULT_VALUE_BITS``, ``SUPPORTED_KEY_BITS``, ``SUPPORTED_VALUE_BITS`` and, if it
+calibrates, ``TENSORS`` (the names ``calibrate`` returns and ``make_codecs`` reads; the
+loader refuses an artifact holding others). ``make_codecs`` reads every tensor through
+``base.tensor``, which checks its shape, dtype kind and finiteness. A codec has
 ``encode(x [B, H, L, D], offset) -> parts`` and ``decode(*parts, offset) -> x̂``.
 Shared pieces: ``scalar`` (rotated scalar codes, bit packing), ``vq`` (k-means,
 nearest codeword), ``rotation``, ``rope`` (exact RoPE inverse, pre-RoPE coding).

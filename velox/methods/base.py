@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
+import mlx.core as mx
 import numpy as np
 
 from ..format import ARTIFACT_FILE, VeloxFormatError
@@ -70,8 +71,15 @@ def attention_mass(acts: LayerActivations) -> np.ndarray:
     return out
 
 
-def tensor(tensors: dict, name: str, shape: tuple, dtype=None):
-    """``tensors[name]`` checked against ``shape`` (None = any size); a clear error names it."""
+def tensor(tensors: dict, name: str, shape: tuple, dtype=None, bounds: Optional[tuple[int, int]] = None):
+    """``tensors[name]`` checked against ``shape`` (None = any size) and cast to ``dtype``.
+
+    Every read of an artifact tensor goes through here, so a corrupt file fails with a
+    VeloxFormatError naming the tensor rather than inside MLX or as a silently wrong cache:
+    a float ``dtype`` requires a stored float tensor with no NaN/Inf, an integer ``dtype``
+    a stored integer tensor whose values lie in ``bounds`` (lo, hi) when given (checked
+    before the cast, which could wrap them).
+    """
     if name not in tensors:
         raise VeloxFormatError(f"{ARTIFACT_FILE}: missing tensor {name!r}")
     t = tensors[name]
@@ -79,7 +87,17 @@ def tensor(tensors: dict, name: str, shape: tuple, dtype=None):
     if not ok:
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise VeloxFormatError(f"{ARTIFACT_FILE}: tensor {name!r} has shape {list(t.shape)}, expected {want}")
-    return t if dtype is None else t.astype(dtype)
+    if dtype is None:
+        return t
+    floating = mx.issubdtype(dtype, mx.floating)
+    if not mx.issubdtype(t.dtype, mx.floating if floating else mx.integer):
+        raise VeloxFormatError(f"{ARTIFACT_FILE}: tensor {name!r} is {str(t.dtype).split('.')[-1]}, expected "
+                               f"{'a floating-point' if floating else 'an integer'} dtype")
+    if floating and not mx.all(mx.isfinite(t)).item():
+        raise VeloxFormatError(f"{ARTIFACT_FILE}: tensor {name!r} holds NaN or Inf")
+    if bounds is not None and t.size and not (bounds[0] <= mx.min(t).item() and mx.max(t).item() <= bounds[1]):
+        raise VeloxFormatError(f"{ARTIFACT_FILE}: tensor {name!r} has values outside {bounds[0]}..{bounds[1]}")
+    return t.astype(dtype)
 
 
 def to_pairs(per_pair: np.ndarray, pairs: np.ndarray) -> np.ndarray:

@@ -43,6 +43,7 @@ DEFAULT_KEY_BITS = 2
 DEFAULT_VALUE_BITS = 4
 SUPPORTED_KEY_BITS = (1, 2, 3, 4)
 SUPPORTED_VALUE_BITS = turboquant_mse.SUPPORTED_VALUE_BITS
+TENSORS = ("keys.codebooks", "keys.scale")  # what make_codecs reads; nothing else may be stored
 HALF = 16           # entries of each stage's complex codebook: codes are (A, B) in 16 × 16
 GROUP_PAIRS = 8     # RoPE pairs per codebook group (16 dims): codes are additive within a group
 EM_STEPS = 6

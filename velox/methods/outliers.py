@@ -21,6 +21,7 @@ from .base import tensor
 
 SUPPORTED_METHODS = ("qjl", "turboquant_mse", "turboquant_prod", "turboquant_rvq")
 MAX_OUTLIERS = 32
+TENSORS = ("keys.outlier_channels", "keys.outlier_scale")  # what make_codecs reads; nothing else may be stored
 LEVELS = 127  # int8 codes in -127..127
 
 
@@ -83,8 +84,7 @@ def check(method: str, k: int, head_dim: int) -> None:
 def key_codec(tensors: dict[str, mx.array], spec, k: int, make_inner) -> OutlierCodec:
     """OutlierCodec from a layer's tensors; make_inner(head_dim) builds the method's key codec."""
     H, D = spec.num_kv_heads, spec.head_dim
-    channels = tensor(tensors, "keys.outlier_channels", (H, k))
-    if not bool(mx.all((channels >= 0) & (channels < D)).item()) or \
-            any(len(set(row)) != k for row in np.array(channels).tolist()):
+    channels = tensor(tensors, "keys.outlier_channels", (H, k), mx.int32, bounds=(0, D - 1))
+    if any(len(set(row)) != k for row in np.array(channels).tolist()):
         raise VeloxFormatError(f"keys.outlier_channels must hold {k} distinct channels in 0..{D - 1} per head")
     return OutlierCodec(channels, tensor(tensors, "keys.outlier_scale", (H, k), mx.float32), make_inner(D - k), D)

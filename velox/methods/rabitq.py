@@ -45,6 +45,7 @@ DEFAULT_KEY_BITS = 1
 DEFAULT_VALUE_BITS = 4
 SUPPORTED_KEY_BITS = (1,)
 SUPPORTED_VALUE_BITS = turboquant_mse.SUPPORTED_VALUE_BITS
+TENSORS = ("keys.centroids", "keys.scale")  # what make_codecs reads; nothing else may be stored
 DEFAULT_NLIST = 64  # SmolLM2: 8192 calibration keys per head -> 128 per centroid
 WEIGHT_POWER = 0.5  # k-means weights: √(attention each calibration key receives)
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from ..format import ARTIFACT_FILE, VeloxFormatError
 from . import turboquant_mse
-from .base import LayerActivations, LayerSpec, attention_mass
+from .base import LayerActivations, LayerSpec, attention_mass, tensor
 from .rope import PreRopeCodec, spec_rope
 from .scalar import MAX_BITS, ScalarCodec, fit_levels, gaussian_distortion, sphere_levels
 
@@ -34,6 +35,7 @@ DEFAULT_VALUE_BITS = 4
 SUPPORTED_KEY_BITS = (1, 2, 3, 4, 5, 6)
 SUPPORTED_VALUE_BITS = turboquant_mse.SUPPORTED_VALUE_BITS
 PARTS = ("mean", "basis", "scale", "bits", "levels")
+TENSORS = tuple(f"keys.{p}" for p in PARTS)  # what make_codecs reads; nothing else may be stored
 WEIGHT_POWER = 0.5
 
 
@@ -105,15 +107,29 @@ def calibrate(acts: LayerActivations, spec: LayerSpec) -> dict[str, mx.array]:
     return {f"keys.{part}": arr for part, arr in tensors.items()}
 
 
-def codec_from_tensors(t: dict[str, mx.array]) -> ScalarCodec:
-    """ScalarCodec from one kind's tensors (mean, basis, scale, bits, levels)."""
-    return ScalarCodec(rotation=t["basis"], scale=t["scale"], levels=t["levels"],
-                       bits=np.array(t["bits"]), mean=t["mean"])
+def codec_from_tensors(t: dict[str, mx.array], spec: LayerSpec | None = None, prefix: str = "") -> ScalarCodec:
+    """ScalarCodec from tensors ``{prefix}mean``, basis, scale, bits, levels (as ``fit`` returns
+    them), each read through ``base.tensor``. With ``spec`` (a folder being loaded) they must
+    also have its heads and head_dim and spend exactly key_bits·D bits per head; every head
+    needs a level for each of its codes."""
+    H, D = (spec.num_kv_heads, spec.head_dim) if spec else (None, None)
+    bits = np.array(tensor(t, prefix + "bits", (H, D), mx.int32, bounds=(0, MAX_BITS)))
+    H, D = bits.shape
+    total = spec.key_bits * D if spec else int(bits.sum(axis=-1).max())
+    if (bits.sum(axis=-1) != total).any():
+        raise VeloxFormatError(f"{ARTIFACT_FILE}: tensor '{prefix}bits' must give each head {total} bits "
+                               f"in all, got {bits.sum(axis=-1).tolist()}")
+    levels = tensor(t, prefix + "levels", (H, D, None), mx.float32)
+    if not 1 << int(bits.max()) <= levels.shape[-1] <= 1 << MAX_BITS:
+        raise VeloxFormatError(f"{ARTIFACT_FILE}: tensor '{prefix}levels' has {levels.shape[-1]} levels per "
+                               f"direction, expected {1 << int(bits.max())} (2**max bits) to {1 << MAX_BITS}")
+    return ScalarCodec(rotation=tensor(t, prefix + "basis", (H, D, D), mx.float32),
+                       scale=tensor(t, prefix + "scale", (H, D), mx.float32), levels=levels, bits=bits,
+                       mean=tensor(t, prefix + "mean", (H, D), mx.float32))
 
 
 def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[PreRopeCodec, ScalarCodec]:
     """(key codec, value codec) for one layer; ``spec.rope`` is the layer's rope module."""
-    keys = PreRopeCodec(codec_from_tensors({p: tensors[f"keys.{p}"] for p in PARTS}),
-                        spec_rope(spec, "spectral"))
+    keys = PreRopeCodec(codec_from_tensors(tensors, spec, "keys."), spec_rope(spec, "spectral"))
     _, values = turboquant_mse.make_codecs({}, spec)
     return keys, values

@@ -41,6 +41,7 @@ DEFAULT_KEY_BITS = 2
 DEFAULT_VALUE_BITS = 4
 SUPPORTED_KEY_BITS = (1, 2, 3, 4)
 SUPPORTED_VALUE_BITS = turboquant_mse.SUPPORTED_VALUE_BITS
+TENSORS = ("keys.codebooks", "keys.smooth")  # what make_codecs reads; nothing else may be stored
 # bits per element -> (sub-vector dimensions d, centroids K); log2(K) / d == bits.
 GEOMETRY = {1: (8, 256), 2: (4, 256), 3: (2, 64), 4: (2, 256)}
 PER_HEAD = True       # one codebook per KV head (measured better than one per layer)

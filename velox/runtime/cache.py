@@ -39,6 +39,16 @@ class ExactCodec:
         return x
 
 
+class _DetachedCodec:
+    """Stands in for the codecs of a cache read from a prompt-cache file without its model."""
+
+    def _refuse(self, *args, **kwargs):
+        raise RuntimeError("this VeloxKVCache was read from a prompt-cache file without its model: load it with "
+                           "velox.runtime.loader.load_prompt_cache(path, model)")
+
+    encode = decode = _refuse
+
+
 class VeloxKVCache(_BaseCache):
     """Compressed KV cache for one attention layer.
 
@@ -175,19 +185,37 @@ class VeloxKVCache(_BaseCache):
 
     @property
     def state(self):
-        cut = lambda bufs: [] if bufs is None else [b[:, :, :self.coded] for b in bufs]
-        fp16 = lambda kv, n: [] if kv is None else [x[:, :, :n] for x in kv]
+        """(key parts, value parts, sink [K, V], recent [K, V], offset, method, sink, window).
+
+        Absent parts are None, not []: mlx_lm's save_prompt_cache flattens the state with
+        tree_flatten, which drops empty lists and so would shift the entries after them.
+        The settings ride along as scalars (mlx_lm 0.32 has no meta_state) so a loader can
+        refuse a file written with other settings. The codecs are not arrays and are not
+        part of the state: see ``from_state``.
+        """
+        cut = lambda bufs: None if bufs is None or not self.coded else [b[:, :, :self.coded] for b in bufs]
+        fp16 = lambda kv, n: None if kv is None or not n else [x[:, :, :n] for x in kv]
         return (cut(self.keys), cut(self.values), fp16(self.sink_kv, self.n_sink),
-                fp16(self.recent_kv, self.n_recent), self.offset)
+                fp16(self.recent_kv, self.n_recent), self.offset, self.method, self.sink, self.window)
 
     @state.setter
     def state(self, v):
-        keys, values, sink, recent, self.offset = v
-        self.keys = list(keys) or None
-        self.values = list(values) or None
+        keys, values, sink, recent, self.offset, self.method, self.sink, self.window = v
+        self.keys = list(keys) if keys else None
+        self.values = list(values) if values else None
         self.coded = self.keys[0].shape[2] if self.keys else 0
-        self.sink_kv = list(sink) or None
-        self.recent_kv = list(recent) or None
+        self.sink_kv = list(sink) if sink else None
+        self.recent_kv = list(recent) if recent else None
+
+    @classmethod
+    def from_state(cls, state):
+        """A cache with ``state`` and no codecs: mlx_lm's load_prompt_cache calls this, and
+        codecs (rotations, codebooks) live in the model folder, not in prompt-cache files.
+        ``velox.runtime.loader.load_prompt_cache(path, model)`` puts the state into the
+        model's own caches instead; a cache made here refuses to code or decode."""
+        obj = cls(_DetachedCodec(), _DetachedCodec())
+        obj.state = state
+        return obj
 
     def is_trimmable(self) -> bool:
         return True

@@ -8,16 +8,22 @@ from pathlib import Path
 from typing import Any, Optional
 
 import mlx.core as mx
+from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 from mlx_lm.utils import load as mlx_lm_load
 
 from ..cpu import float32_on_cpu
-from ..format import ARTIFACT_FILE, VeloxFormatError, check_artifacts, validate_kv_quant
+from ..format import ARTIFACT_FILE, VeloxFormatError, check_artifacts, read_safetensors_header, validate_kv_quant
 from ..methods import METHODS, LayerSpec, get_method, outliers, ratequant
 from ..methods.rope import layer_rope
 from . import attention
 from .cache import VeloxKVCache
+
+# mlx_lm's load_prompt_cache (and CacheList) look cache classes up by name in their own
+# module: registered there, a velox prompt-cache file reads with plain mlx_lm too (caches
+# without codecs, which say how to attach them) instead of failing with a KeyError.
+setattr(mlx_cache, VeloxKVCache.__name__, VeloxKVCache)
 
 
 def resolve_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
@@ -63,6 +69,63 @@ def layer_specs(kvq: dict, method: str, model) -> list[Optional[LayerSpec]]:
     return specs
 
 
+def expected_tensors(kvq: dict) -> set[str]:
+    """Every tensor name the artifact must hold: each method's ``TENSORS`` (plus the outlier
+    channels' when it has them) for each coded layer, once per width on per-head layers."""
+    names = set()
+    for method, entry in kvq["methods"].items():
+        module = get_method(method)
+        parts = getattr(module, "TENSORS", ())  # data-free methods store nothing
+        if entry.get("options", {}).get("outliers", 0):
+            parts = parts + outliers.TENSORS
+        for layer in entry["layers"]:
+            if layer.get("cache") == "native":
+                continue
+            prefix = f"{method}.layers.{layer['layer']}."
+            if isinstance(layer["key_bits"], list):
+                widths = sorted(set(layer["key_bits"]) | set(layer["value_bits"]))
+                names.update(f"{prefix}bits{b}.{p}" for b in widths for p in parts)
+            else:
+                names.update(prefix + p for p in parts)
+    return names
+
+
+def check_tensor_names(kvq: dict, names: set[str]) -> None:
+    """The artifact holds exactly the tensors kv_quant implies: a missing one would fail later
+    with less context, an unexpected one means the file is not what the section describes."""
+    want = expected_tensors(kvq)
+    for what, diff in (("unexpected", names - want), ("missing", want - names)):
+        if diff:
+            shown = ", ".join(sorted(diff)[:5]) + (f" (+{len(diff) - 5} more)" if len(diff) > 5 else "")
+            raise VeloxFormatError(f"{ARTIFACT_FILE}: {what} tensors for this kv_quant section: {shown}")
+
+
+def load_artifact(folder: Path) -> dict[str, mx.array]:
+    """The artifact's tensors; its header is checked first because MLX's reader trusts it.
+
+    Float tensors of every method are checked for NaN/Inf here, not only those of the
+    method being loaded (``base.tensor`` checks those again with their expected dtype).
+    """
+    path = Path(folder) / ARTIFACT_FILE
+    if not path.exists():
+        return {}
+    read_safetensors_header(path)
+    tensors = mx.load(str(path))
+    for name, t in sorted(tensors.items()):
+        if mx.issubdtype(t.dtype, mx.floating) and not mx.all(mx.isfinite(t)).item():
+            raise VeloxFormatError(f"{ARTIFACT_FILE}: tensor {name!r} holds NaN or Inf")
+    return tensors
+
+
+def check_bits(module, method: str, entry: dict) -> None:
+    """A layer's widths are ones the method implements (validate_kv_quant only bounds them)."""
+    for kind, allowed in (("key_bits", module.SUPPORTED_KEY_BITS), ("value_bits", module.SUPPORTED_VALUE_BITS)):
+        widths = entry[kind] if isinstance(entry[kind], list) else [entry[kind]]
+        if not set(widths) <= set(allowed):
+            raise VeloxFormatError(f"kv_quant: methods.{method}.layers[{entry['layer']}].{kind} {entry[kind]} "
+                                   f"is not supported by {method} (choose from {list(allowed)})")
+
+
 def build_codecs(kvq: dict, method: str, tensors: dict[str, mx.array], model) -> list[Optional[tuple]]:
     """(key codec, value codec) per layer, from the folder's artifact tensors."""
     module = get_method(method)
@@ -72,6 +135,7 @@ def build_codecs(kvq: dict, method: str, tensors: dict[str, mx.array], model) ->
         if spec is None:
             codecs.append(None)
             continue
+        check_bits(module, method, entry)
         prefix = f"{method}.layers.{spec.layer}."
         mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
@@ -88,9 +152,32 @@ def build_codecs(kvq: dict, method: str, tensors: dict[str, mx.array], model) ->
                 codecs.append(ratequant.make_mixed_codecs(module, mine, spec, entry["key_bits"], entry["value_bits"]))
         except KeyError as e:
             raise VeloxFormatError(f"{ARTIFACT_FILE}: missing tensor {prefix}{e.args[0]}") from None
-        except VeloxFormatError as e:
+        except ValueError as e:  # VeloxFormatError, or MLX refusing shapes the checks let through
             raise VeloxFormatError(f"{method} layer {spec.layer}: {e}") from None
     return codecs
+
+
+def check_kv_shapes(model, kvq: dict, method: str, native_make_cache) -> None:
+    """One token through the model with its own caches: each coded layer must really have
+    kv_quant's KV heads and head_dim. Checked before any codec is built, so absurd declared
+    sizes never allocate, and a smaller head count cannot broadcast silently."""
+    H, D = kvq["model"]["num_kv_heads"], kvq["model"]["head_dim"]
+    native = native_make_cache() if native_make_cache else [KVCache() for _ in model.layers]
+    model(mx.array([[0]]), cache=native)
+    for entry, c in zip(kvq["methods"][method]["layers"], native):
+        if entry.get("cache") != "native" and type(c) is KVCache and tuple(c.keys.shape[1::2]) != (H, D):
+            raise VeloxFormatError(f"kv_quant: model gives num_kv_heads={H}, head_dim={D} but layer "
+                                   f"{entry['layer']} has {c.keys.shape[1]} KV heads of {c.keys.shape[3]}")
+
+
+def check_codecs_run(model, method: str, make_cache) -> None:
+    """One token through the model with velox's caches: it must run and give finite logits."""
+    try:
+        logits = model(mx.array([[0]]), cache=make_cache())
+    except ValueError as e:
+        raise VeloxFormatError(f"{method}: the folder's codecs do not run on this model: {e}") from None
+    if not mx.all(mx.isfinite(logits)).item():
+        raise VeloxFormatError(f"{method}: the folder's codecs give NaN/Inf logits on this model")
 
 
 def install_kv_caches(model, folder: Path, kvq: dict, method: Optional[str] = None, fast: bool = True) -> str:
@@ -104,42 +191,72 @@ def install_kv_caches(model, folder: Path, kvq: dict, method: Optional[str] = No
         raise ValueError(f"method {method!r} was not calibrated into this folder; it has: "
                          f"{', '.join(kvq['methods'])}")
     check_artifacts(folder, kvq)
-    path = Path(folder) / ARTIFACT_FILE
-    tensors = mx.load(str(path)) if path.exists() else {}
-    codecs = build_codecs(kvq, method, tensors, model)
-    entry = kvq["methods"][method]
-    fp16 = {"sink": int(entry.get("sink", 0)), "window": int(entry.get("window", 0))}
-    attention.install()
+    tensors = load_artifact(folder)
+    check_tensor_names(kvq, set(tensors))
     # Keep the model's own factory across repeated installs (another method, another folder).
     if not hasattr(model, "_velox_native_make_cache"):
         model._velox_native_make_cache = getattr(model, "make_cache", None)
     native_make_cache = model._velox_native_make_cache
+    check_kv_shapes(model, kvq, method, native_make_cache)
+    codecs = build_codecs(kvq, method, tensors, model)
+    entry = kvq["methods"][method]
+    fp16 = {"sink": int(entry.get("sink", 0)), "window": int(entry.get("window", 0))}
+    attention.install()
 
     def make_cache() -> list[Any]:
         native = native_make_cache() if native_make_cache else [KVCache() for _ in model.layers]
         return [VeloxKVCache(*c, method=method, fast=fast, **fp16) if c is not None and type(n) is KVCache else n
                 for c, n in zip(codecs, native)]
 
+    check_codecs_run(model, method, make_cache)
     model.make_cache = make_cache
     return method
 
 
 def load(path_or_repo: str, kv: Optional[str] = None, revision: Optional[str] = None,
-         fast: bool = True, **kwargs) -> tuple[Any, Any]:
+         fast: bool = True, **kwargs) -> tuple[Any, ...]:
     """Load a velox folder (or Hub repo) -> (model, tokenizer) with compressed KV caches.
 
     kv: which calibrated method to use (default: the folder's default_method).
     fast: attention from the codes where the method allows it (else decode the cache every step).
-    Other keyword arguments go to ``mlx_lm.load``. On MLX's CPU backend the model
+    Other keyword arguments go to ``mlx_lm.load`` (``return_config=True`` adds the config
+    as a third item, as there). On MLX's CPU backend the model
     computes in float32 (bf16 there is slow and visibly worse).
     """
     folder = resolve_path(path_or_repo, revision)
     kvq = read_kv_quant(folder)
-    model, tokenizer = mlx_lm_load(str(folder), **kwargs)
+    model, tokenizer, *config = mlx_lm_load(str(folder), **kwargs)  # config: with return_config=True
     float32_on_cpu(model)
     validate_kv_quant(kvq, len(model.layers), set(METHODS))
     install_kv_caches(model, folder, kvq, kv, fast=fast)
-    return model, tokenizer
+    return (model, tokenizer, *config)
+
+
+def load_prompt_cache(path: str | Path, model, return_metadata: bool = False):
+    """Read a prompt-cache file written by mlx_lm's ``save_prompt_cache`` for ``model``.
+
+    mlx_lm rebuilds each cache from its state alone, but a VeloxKVCache also needs its
+    codecs (rotations, codebooks), which are not arrays and live in the model folder. So
+    the file's states go into fresh caches from ``model.make_cache()`` (the folder's
+    codecs), after checking that the file was written with the same method and fp16
+    regions; other layers keep the caches mlx_lm read.
+    """
+    loaded, metadata = mlx_cache.load_prompt_cache(str(path), return_metadata=True)
+    fresh = model.make_cache()
+    if len(loaded) != len(fresh):
+        raise ValueError(f"{path}: {len(loaded)} layer caches, the model has {len(fresh)}")
+    cache = []
+    for i, (got, mine) in enumerate(zip(loaded, fresh)):
+        if type(got) is not type(mine):
+            raise ValueError(f"{path}: layer {i} holds a {type(got).__name__}, the model makes a {type(mine).__name__}")
+        if isinstance(mine, VeloxKVCache):
+            if (got.method, got.sink, got.window) != (mine.method, mine.sink, mine.window):
+                raise ValueError(f"{path}: layer {i} was written by {got.method} (sink {got.sink}, window "
+                                 f"{got.window}), the model uses {mine.method} (sink {mine.sink}, window {mine.window})")
+            mine.state = got.state
+            got = mine
+        cache.append(got)
+    return (cache, metadata) if return_metadata else cache
 
 
 def cache_bytes(cache: list[Any]) -> int:
