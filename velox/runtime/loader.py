@@ -140,10 +140,7 @@ def build_codecs(kvq: dict, method: str, tensors: dict[str, mx.array], model) ->
         mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             if n_outliers:
-                try:
-                    outliers.check(method, n_outliers, spec.head_dim)
-                except ValueError as e:
-                    raise VeloxFormatError(f"kv_quant options.outliers: {e}") from None
+                outliers.check(method, n_outliers, spec.head_dim)  # its ValueError is wrapped below
                 inner = lambda d: module.make_codecs(mine, replace(spec, head_dim=d))[0]
                 codecs.append((outliers.key_codec(mine, spec, n_outliers, inner), module.make_codecs(mine, spec)[1]))
             elif spec.key_bits:
