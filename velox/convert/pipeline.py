@@ -104,6 +104,8 @@ def calibrate_method(name: str, acts: list, model, key_bits: int, value_bits: in
     options = dict(options or {})
     method_options = {k: v for k, v in options.items() if k != "outliers"}
     n_outliers = options.get("outliers", 0)
+    if n_outliers:
+        outliers.check(name, n_outliers, next(a for a in acts if a is not None).keys.shape[-1])
     layers, tensors, per_layer = [], {}, []
     start = time.perf_counter()
     for i, layer_acts in enumerate(tqdm(acts, desc=f"calibrate {name}", disable=not progress)):
@@ -114,7 +116,6 @@ def calibrate_method(name: str, acts: list, model, key_bits: int, value_bits: in
         spec = _layer_spec(model, acts, i, key_bits, value_bits, seed)
         fitted = module.calibrate(layer_acts, spec, **method_options)
         if n_outliers:
-            outliers.check(name, n_outliers, spec.head_dim)
             pairs = spec_rope(spec, name).pairs if spec.rope else np.arange(spec.head_dim).reshape(-1, 2)
             fitted.update(outliers.fit(layer_acts.keys, n_outliers, pairs))
         mx.eval(list(fitted.values()))  # so the time is this layer's

@@ -148,29 +148,34 @@ class VeloxKVCache(_BaseCache):
 
     def fetch(self, dtype=mx.float32) -> tuple[mx.array, mx.array]:
         """The decoded history: keys, values [B, H, offset, D] in ``dtype``."""
+        sink, recent = self.fp16_regions()
         ks, vs = [], []
-        if self.n_sink:
-            ks.append(self.sink_kv[0][:, :, :self.n_sink].astype(dtype))
-            vs.append(self.sink_kv[1][:, :, :self.n_sink].astype(dtype))
+        if sink:
+            ks.append(sink[0].astype(dtype))
+            vs.append(sink[1].astype(dtype))
         if self.coded:
             n = self.coded
             ks.append(self.key_codec.decode(*[b[:, :, :n] for b in self.keys], offset=self.n_sink).astype(dtype))
             vs.append(self.value_codec.decode(*[b[:, :, :n] for b in self.values], offset=self.n_sink).astype(dtype))
-        if self.n_recent:
-            ks.append(self.recent_kv[0][:, :, :self.n_recent].astype(dtype))
-            vs.append(self.recent_kv[1][:, :, :self.n_recent].astype(dtype))
+        if recent:
+            ks.append(recent[0].astype(dtype))
+            vs.append(recent[1].astype(dtype))
         if len(ks) == 1:
             return ks[0], vs[0]
         return mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
 
+    def fp16_regions(self) -> tuple[list[mx.array] | None, list[mx.array] | None]:
+        """The held sink and window tokens: ([keys, values] [B, H, n, D] fp16, or None), each."""
+        held = lambda kv, n: None if kv is None or not n else [x[:, :, :n] for x in kv]
+        return held(self.sink_kv, self.n_sink), held(self.recent_kv, self.n_recent)
+
     def compressed(self) -> kernels.CompressedKV:
         """What the cache holds, for ``velox.kernels.attend`` (code buffers whole, see CompressedKV)."""
-        n_sink, n_recent = self.n_sink, self.n_recent
+        sink, recent = self.fp16_regions()
         return kernels.CompressedKV(
             key_codec=self.key_codec, value_codec=self.value_codec, n_coded=self.coded,
             keys=tuple(self.keys) if self.coded else None, values=tuple(self.values) if self.coded else None,
-            sink=tuple(x[:, :, :n_sink] for x in self.sink_kv) if n_sink else None,
-            recent=tuple(x[:, :, :n_recent] for x in self.recent_kv) if n_recent else None)
+            sink=tuple(sink) if sink else None, recent=tuple(recent) if recent else None)
 
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float,
                mask=None, sinks: mx.array | None = None) -> mx.array:
@@ -194,9 +199,8 @@ class VeloxKVCache(_BaseCache):
         part of the state: see ``from_state``.
         """
         cut = lambda bufs: None if bufs is None or not self.coded else [b[:, :, :self.coded] for b in bufs]
-        fp16 = lambda kv, n: None if kv is None or not n else [x[:, :, :n] for x in kv]
-        return (cut(self.keys), cut(self.values), fp16(self.sink_kv, self.n_sink),
-                fp16(self.recent_kv, self.n_recent), self.offset, self.method, self.sink, self.window)
+        return (cut(self.keys), cut(self.values), *self.fp16_regions(), self.offset, self.method,
+                self.sink, self.window)
 
     @state.setter
     def state(self, v):
