@@ -1,12 +1,17 @@
 """Per-step decode attention: full-precision SDPA, mlx_lm's 4-bit quantized attention,
 velox decode-everything and velox's compressed-domain fast path, in one run.
 
+``--kv`` picks the data-free velox method (turboquant_mse by default; turboquant_rvq,
+turboquant_prod, qjl); ``--mixed`` codes half the KV heads at bits − 1 and half at
+bits + 1 (RateQuant's per-head widths, HeadGroupCodec), the same average.
+
 Llama-3-8B-shaped attention (32 query heads, 8 KV heads, head_dim 128), one query
 token, random data (speed does not depend on the values). On MLX's CPU backend the
 model computes in float32, so the full-precision baseline holds float32 K/V there;
 ``--dtype float16`` to compare against fp16 K/V instead.
 
     python scripts/bench_attention.py --contexts 1024,4096,8192
+    python scripts/bench_attention.py --contexts 4096 --kv qjl --mixed
 
 Bytes read per step are the arrays attention must read: K and V for SDPA, codes +
 scales + biases for mlx_lm, codes + fp16 norms for velox (decode-everything reads the
@@ -29,7 +34,9 @@ from mlx_lm.models.base import quantized_scaled_dot_product_attention  # noqa: E
 
 from velox import kernels  # noqa: E402
 from velox.cpu import reexec_with_openblas  # noqa: E402
-from velox.methods import turboquant_mse  # noqa: E402
+from velox.methods import get_method, ratequant  # noqa: E402
+from velox.methods.base import LayerSpec  # noqa: E402
+from velox.methods.scalar import ScalarCodec  # noqa: E402
 from velox.runtime.cache import VeloxKVCache  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -60,16 +67,27 @@ def nbytes(arrays) -> int:
     return sum(a.nbytes for a in arrays)
 
 
-def bench_context(S: int, dtype: mx.Dtype, key_bits: int, value_bits: int, iters: int, reps: int) -> list[dict]:
-    """One row per method: {"method", "seconds", "bytes"} for one decode step at context S."""
+def make_codecs(method: str, key_bits: int, value_bits: int, mixed: bool) -> tuple:
+    """(key codec, value codec) of a data-free method for HKV heads of D; mixed: heads alternate
+    between bits − 1 and bits + 1 (HeadGroupCodecs)."""
+    module = get_method(method)
+    if not mixed:
+        return module.make_codecs({}, LayerSpec(0, HKV, D, key_bits, value_bits))
+    widths = lambda b: [b - 1, b + 1] * (HKV // 2)
+    return ratequant.make_mixed_codecs(module, {}, LayerSpec(0, HKV, D, 0, 0), widths(key_bits), widths(value_bits))
+
+
+def bench_context(S: int, dtype: mx.Dtype, method: str, key_bits: int, value_bits: int, mixed: bool,
+                  iters: int, reps: int) -> list[dict]:
+    """One row per attention: {"method", "seconds", "bytes"} for one decode step at context S."""
     keys = mx.random.normal((1, HKV, S, D), key=mx.random.key(1))
     values = mx.random.normal((1, HKV, S, D), key=mx.random.key(2))
     q = mx.random.normal((1, HQ, 1, D), key=mx.random.key(3)).astype(dtype)
     scale = D**-0.5
     k_full, v_full = keys.astype(dtype), values.astype(dtype)
     qk, qv = mx.quantize(k_full, group_size=64, bits=4), mx.quantize(v_full, group_size=64, bits=4)
-    cache = VeloxKVCache(turboquant_mse.make_codec(HKV, D, key_bits, 0), turboquant_mse.make_codec(HKV, D, value_bits, 1),
-                         method="turboquant_mse")
+    cache = VeloxKVCache(*make_codecs(method, key_bits, value_bits, mixed), method=method)
+    label = f"{method} {key_bits}/{value_bits}" + (" ±1 per head" if mixed else "")
     cache.update_and_fetch(keys, values)  # encodes (fast=False: the cache decodes on fetch)
     mx.eval(k_full, v_full, qk, qv, cache.keys, cache.values)
     coded = cache.compressed()
@@ -86,15 +104,17 @@ def bench_context(S: int, dtype: mx.Dtype, key_bits: int, value_bits: int, iters
         ("mlx_lm QuantizedKVCache 4-bit (group 64)",
          lambda: quantized_scaled_dot_product_attention(q, qk, qv, scale=scale, mask=None, group_size=64, bits=4),
          nbytes(qk + qv)),
-        (f"velox turboquant_mse {key_bits}/{value_bits}, decode everything", decode_everything, velox_bytes),
-        (f"velox turboquant_mse {key_bits}/{value_bits}, fast path ({kernels.backend()})",
+        (f"velox {label}, decode everything", decode_everything, velox_bytes),
+        (f"velox {label}, fast path ({kernels.backend()})",
          lambda: kernels.attend(q, cache.compressed(), scale=scale, mask=None), velox_bytes),
     ]
-    if kernels.backend() == "cuda":  # the fused kernel alone: how close to the byte floor it gets
+    # the fused kernel alone: how close to the byte floor it gets
+    scalar_codecs = type(cache.key_codec) is ScalarCodec and type(cache.value_codec) is ScalarCodec
+    if kernels.backend() == "cuda" and scalar_codecs:
         from velox.kernels import cuda
 
         q_rot = (q.astype(mx.float32).reshape(1, HKV, HQ // HKV, D) * scale) @ cache.key_codec.rotation
-        cases.append((f"velox turboquant_mse {key_bits}/{value_bits}, partial+combine kernels alone",
+        cases.append((f"velox {label}, partial+combine kernels alone",
                       lambda: cuda.coded_partial(q_rot, None, coded), velox_bytes))
     return [{"method": name, "seconds": median_seconds(fn, iters, reps), "bytes": b} for name, fn, b in cases]
 
@@ -103,8 +123,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="1024,4096,8192")
     ap.add_argument("--dtype", default=None, help="K/V/query dtype (default: float32 on CPU, float16 on GPU)")
-    ap.add_argument("--key-bits", type=int, default=4)
-    ap.add_argument("--value-bits", type=int, default=4)
+    ap.add_argument("--kv", default="turboquant_mse", help="data-free velox method")
+    ap.add_argument("--mixed", action="store_true", help="per-head widths bits ± 1 (RateQuant's HeadGroupCodec)")
+    ap.add_argument("--key-bits", type=int, default=None, help="default: the method's")
+    ap.add_argument("--value-bits", type=int, default=None, help="default: the method's")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--reps", type=int, default=10, help="calls per timed eval (see median_seconds)")
     args = ap.parse_args(argv)
@@ -112,6 +134,9 @@ def main(argv=None) -> int:
     if on_cpu:
         reexec_with_openblas()
     dtype = getattr(mx, args.dtype) if args.dtype else (mx.float32 if on_cpu else mx.float16)
+    module = get_method(args.kv)
+    key_bits = args.key_bits or module.DEFAULT_KEY_BITS
+    value_bits = args.value_bits or module.DEFAULT_VALUE_BITS
 
     print(f"device: {mx.default_device()}, mlx {mx.__version__}, dtype {dtype}, "
           f"{HQ} query heads / {HKV} KV heads / head_dim {D}, batch 1, one query token, "
@@ -122,7 +147,7 @@ def main(argv=None) -> int:
     print("| context | attention | time/step | × full precision | bytes read/step | bytes ÷ time |")
     print("|---:|---|---:|---:|---:|---:|")
     for S in (int(c) for c in args.contexts.split(",")):
-        rows = bench_context(S, dtype, args.key_bits, args.value_bits, args.iters, args.reps)
+        rows = bench_context(S, dtype, args.kv, key_bits, value_bits, args.mixed, args.iters, args.reps)
         ref = rows[0]["seconds"]
         for r in rows:
             t = r["seconds"]

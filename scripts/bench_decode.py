@@ -1,5 +1,6 @@
-"""End-to-end decode speed: a model with mlx_lm's own KV cache against the same model with
-velox turboquant_mse caches on the compressed-domain fast path, at several contexts.
+"""End-to-end decode speed: a model with mlx_lm's own KV cache and its 4-bit QuantizedKVCache
+against the same model with velox turboquant_mse caches on the compressed-domain fast path,
+at several contexts.
 
 Random weights (speed does not depend on them), mlx_lm's llama module; the default shape is
 small enough for a CPU (``--hidden 1024 --layers 8 --heads 16 --kv-heads 4 --head-dim 64``).
@@ -22,14 +23,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mlx_lm.models import llama  # noqa: E402
-from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache  # noqa: E402
 
 from velox.cpu import reexec_with_openblas  # noqa: E402
 from velox.methods import turboquant_mse  # noqa: E402
 from velox.runtime import attention  # noqa: E402
 from velox.runtime.cache import VeloxKVCache  # noqa: E402
 
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 2048  # mlx_lm.generate's default prefill_step_size
 
 
 def build_model(args, dtype: mx.Dtype) -> llama.Model:
@@ -54,12 +55,17 @@ def velox_cache(model, bits: int) -> list:
             for i in range(len(model.layers))]
 
 
-def decode_seconds(model, cache: list, context: int, tokens: int) -> float:
-    """Prefill ``context`` random tokens, then the median seconds of one greedy decode step."""
+def decode_seconds(model, cache: list, context: int, tokens: int) -> tuple[float, int]:
+    """Prefill ``context`` random tokens, then time greedy decode steps -> (median seconds of
+    one step, peak MLX memory during the prefill in bytes)."""
     prompt = mx.random.randint(0, 32000, (1, context), key=mx.random.key(1))
+    mx.eval(prompt)
+    mx.clear_cache()
+    mx.reset_peak_memory()
     for a in range(0, context, PREFILL_CHUNK):
         logits = model(prompt[:, a:a + PREFILL_CHUNK], cache=cache)
         mx.eval(logits)
+    peak = mx.get_peak_memory()
     tok = mx.argmax(logits[:, -1], axis=-1)
     times = []
     for _ in range(tokens):
@@ -68,7 +74,7 @@ def decode_seconds(model, cache: list, context: int, tokens: int) -> float:
         tok = mx.argmax(logits[:, -1], axis=-1)
         mx.eval(tok)
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2], peak
 
 
 def main(argv=None) -> int:
@@ -94,12 +100,27 @@ def main(argv=None) -> int:
           f"hidden {args.hidden}, {args.heads} query heads / {args.kv_heads} KV heads / head_dim {args.head_dim}, "
           f"median of {args.tokens} decode steps")
     print()
-    print(f"| context | mlx_lm KVCache tok/s | velox turboquant_mse {args.bits}/{args.bits} fast path tok/s | ratio |")
-    print("|---:|---:|---:|---:|")
+    print(f"| context | mlx_lm KVCache tok/s | mlx_lm QuantizedKVCache {args.bits}-bit tok/s "
+          f"| velox turboquant_mse {args.bits}/{args.bits} fast path tok/s | velox ÷ KVCache "
+          f"| prefill peak MiB (KVCache / quantized / velox) |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for S in (int(c) for c in args.contexts.split(",")):
-        native = decode_seconds(model, make_prompt_cache(model), S, args.tokens)
-        velox = decode_seconds(model, velox_cache(model, args.bits), S, args.tokens)
-        print(f"| {S} | {1 / native:.1f} | {1 / velox:.1f} | {native / velox:.2f} |", flush=True)
+        # One cache at a time (each made when its run starts), so a peak never includes another's cache.
+        makers = (lambda: make_prompt_cache(model),
+                  lambda: [QuantizedKVCache(group_size=64, bits=args.bits) for _ in model.layers],
+                  lambda: velox_cache(model, args.bits))
+        runs = []
+        for make in makers:
+            try:
+                runs.append(decode_seconds(model, make(), S, args.tokens))
+            except RuntimeError as e:  # MLX's CUDA backend lacks some quantized_matmul shapes
+                print(f"<!-- {e} -->")
+                runs.append(None)
+        (native, pn), (velox, pv) = runs[0], runs[2]
+        q = f"{1 / runs[1][0]:.1f}" if runs[1] else "n/a"
+        pq = f"{runs[1][1] / 2**20:.0f}" if runs[1] else "n/a"
+        print(f"| {S} | {1 / native:.1f} | {q} | {1 / velox:.1f} | {native / velox:.2f} "
+              f"| {pn / 2**20:.0f} / {pq} / {pv / 2**20:.0f} |", flush=True)
     return 0
 
 

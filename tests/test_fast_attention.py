@@ -10,7 +10,8 @@ import pytest
 import velox
 from velox import kernels
 from velox.kernels import reference
-from velox.methods import turboquant_mse
+from velox.methods import get_method, ratequant, scalar, turboquant_mse
+from velox.methods.base import LayerSpec
 from velox.methods.scalar import PackLayout, ScalarCodec, pack, unpack
 from velox.runtime import attention
 from velox.runtime.cache import VeloxKVCache
@@ -40,12 +41,10 @@ def close(a, b, tol=TOL):
     assert err < tol, err
 
 
-@pytest.mark.parametrize("bits", [4, 3])
-@pytest.mark.parametrize("sink,window", [(0, 0), (4, 0), (0, 16), (3, 8)])
-def test_reference_matches_decode_everything(bits, sink, window, dispatcher):
-    """Prefill in chunks (causal string and array masks), then decode steps, with sinks."""
-    cache = make_cache(bits, sink, window, mean=sink > 0)
-    plain = VeloxKVCache(cache.key_codec, cache.value_codec, sink=sink, window=window)  # decodes everything
+def check_against_decode_everything(cache: VeloxKVCache) -> None:
+    """Prefill in chunks (causal string and array masks), then decode steps, with and without
+    attention sinks: ``cache`` (fast, codes only) against SDPA over the decoded history."""
+    plain = VeloxKVCache(cache.key_codec, cache.value_codec, sink=cache.sink, window=cache.window)  # decodes
     sinks = rand((HQ,), 9)
     steps = [(0, 37, "causal"), (37, 100, "array"), (100, 101, None), (101, 102, None), (102, 170, "causal")]
     for i, (a, b, mask_kind) in enumerate(steps):
@@ -62,6 +61,47 @@ def test_reference_matches_decode_everything(bits, sink, window, dispatcher):
             # small blocks: the online softmax across many blocks of one segment
             close(reference.attend(q, cache.compressed(), D**-0.5, mask, s, block=16), ref)
     assert mx.array_equal(cache.fetch()[0], ks)
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("sink,window", [(0, 0), (4, 0), (0, 16), (3, 8)])
+def test_reference_matches_decode_everything(bits, sink, window, dispatcher):
+    check_against_decode_everything(make_cache(bits, sink, window, mean=sink > 0))
+
+
+def uniform(method: str, key_bits: int, value_bits: int):
+    """A data-free method's (key codec, value codec) maker for HKV heads."""
+    return lambda: get_method(method).make_codecs({}, LayerSpec(0, HKV, D, key_bits, value_bits))
+
+
+def mixed(method: str, key_bits: list[int], value_bits: list[int]):
+    """RateQuant's per-head widths: HeadGroupCodecs (groups not in head order)."""
+    spec = LayerSpec(0, HKV, D, 0, 0)
+    return lambda: ratequant.make_mixed_codecs(get_method(method), {}, spec, key_bits, value_bits)
+
+
+# Codec pairs of the data-free post-RoPE methods (widths chosen to cover the lookup tables and
+# the general unpack) and RateQuant's mixed widths over each.
+CODECS = {
+    "rvq 4/4": uniform("turboquant_rvq", 4, 4),
+    "rvq 5/3": uniform("turboquant_rvq", 5, 3),
+    "prod 4/4": uniform("turboquant_prod", 4, 4),
+    "prod 2/3": uniform("turboquant_prod", 2, 3),
+    "qjl 2/4": uniform("qjl", 2, 4),
+    "qjl 1/3": uniform("qjl", 1, 3),
+    "ratequant mse": mixed("turboquant_mse", [2, 4, 3], [3, 4, 2]),
+    "ratequant rvq": mixed("turboquant_rvq", [5, 2, 5], [3, 3, 4]),
+    "ratequant prod": mixed("turboquant_prod", [3, 4, 3], [4, 2, 4]),
+    "ratequant qjl": mixed("qjl", [1, 2, 1], [4, 4, 3]),
+}
+
+
+@pytest.mark.parametrize("codecs", CODECS)
+@pytest.mark.parametrize("sink,window", [(0, 0), (3, 8)])
+def test_data_free_methods_match_decode_everything(codecs, sink, window, dispatcher):
+    key_codec, value_codec = CODECS[codecs]()
+    assert kernels.supports(key_codec, value_codec)
+    check_against_decode_everything(VeloxKVCache(key_codec, value_codec, sink=sink, window=window, fast=True))
 
 
 def test_bool_and_additive_head_masks_and_batch(dispatcher):
@@ -90,21 +130,30 @@ def test_unpack_codes_and_tables_equal_general_unpack(bits):
     codec = turboquant_mse.make_codec(HKV, D, bits, 0)
     codes = mx.random.randint(0, 1 << bits, (1, HKV, 7, D), key=mx.random.key(0)).astype(mx.uint32)
     words = pack(codes, codec.layout)
-    assert mx.array_equal(reference.unpack_codes(words, codec), codes)
+    assert mx.array_equal(scalar.unpack_codes(words, codec), codes)
     assert mx.array_equal(unpack(words, codec.layout), codes)
-    assert (reference.lookup(codec).table is not None) == (bits in (1, 2, 4, 8))
+    assert (scalar.shared_table(codec) is not None) == (bits in (1, 2, 4, 8))
     expect = mx.take(codec.flat_levels, codec.flat_base + codes)
-    assert mx.array_equal(reference.code_levels(words, codec), expect)
-    assert mx.array_equal(reference.code_levels(words[:, :, 2:5], codec), expect[:, :, 2:5])  # views of slices
+    assert mx.array_equal(scalar.code_levels(words, codec), expect)
+    assert mx.array_equal(scalar.code_levels(words[:, :, 2:5], codec), expect[:, :, 2:5])  # views of slices
+
+
+def test_sign_table_equals_general_unpack():
+    for n in (64, 100, 256):  # 100: the last word holds padding bits
+        words = mx.random.randint(0, 1 << 16, (2, HKV, 7, 2 * -(-n // 32)), key=mx.random.key(n)).astype(mx.uint16)
+        words = words.view(mx.uint32)  # every bit random
+        expect = unpack(words, scalar.sign_layout(n)).astype(mx.float32) * 2.0 - 1.0
+        assert mx.array_equal(scalar.unpack_signs(words, n), expect)
+        assert mx.array_equal(scalar.unpack_signs(words[:, :, 2:5], n), expect[:, :, 2:5])
 
 
 def test_mixed_widths_use_the_general_unpack():
     bits = np.tile(np.array([4, 3] * (D // 2)), (HKV, 1))
     codec = turboquant_mse.make_codec(HKV, D, 4, 0)
     codec = ScalarCodec(rotation=codec.rotation, scale=codec.scale, levels=codec.levels, bits=bits)
-    assert reference.uniform_bits(codec) == 0 and reference.lookup(codec).table is None
+    assert scalar.uniform_bits(codec) == 0 and scalar.shared_table(codec) is None
     codes = mx.array((np.random.default_rng(0).integers(0, 16, (1, HKV, 5, D)) % (1 << bits)[None, :, None]).astype(np.uint32))
-    assert mx.array_equal(reference.unpack_codes(pack(codes, PackLayout.from_bits(bits)), codec), codes)
+    assert mx.array_equal(scalar.unpack_codes(pack(codes, PackLayout.from_bits(bits)), codec), codes)
 
 
 def test_without_dispatcher_or_support_the_history_is_decoded(dispatcher):
@@ -128,29 +177,42 @@ def test_without_dispatcher_or_support_the_history_is_decoded(dispatcher):
 
     other = VeloxKVCache(Other(cache.key_codec), cache.value_codec, fast=True)
     assert not other.fast
+    # a head group is supported only when every group's codec is
+    grouped = ratequant.HeadGroupCodec([([0, 2], turboquant_mse.make_codec(2, D, 4, 0)),
+                                        ([1], Other(turboquant_mse.make_codec(1, D, 4, 0)))], D)
+    assert not kernels.supports(grouped, cache.value_codec)
+    assert not kernels.supports(cache.key_codec, Other(cache.value_codec))
     assert other.update_and_fetch(rand((1, HKV, 3, D), 1), rand((1, HKV, 3, D), 2))[0].shape[2] == 3
     assert kernels.backend() in ("cpu", "metal", "cuda")
 
 
 @pytest.fixture(scope="module")
-def converted_tq(tiny_llama, tmp_path_factory):
+def converted(tiny_llama, tmp_path_factory) -> dict:
+    """Tiny llama folders: every data-free post-RoPE method (fp16 sink 2 and window 8), and
+    RateQuant's per-head widths over turboquant_prod (HeadGroupCodec keys and values)."""
     from velox.convert.cli import main as convert_main
 
-    out = tmp_path_factory.mktemp("fast") / "tiny-tq"
-    assert convert_main(["--hf-path", str(tiny_llama), "--mlx-path", str(out), "--kv", "turboquant_mse",
-                         "--kv-sink", "2", "--kv-window", "8", "--calib-tokens", "128",
-                         "--calib-seq-len", "64", "--quiet"]) == 0
-    return out
+    root = tmp_path_factory.mktemp("fast")
+    calib = ["--hf-path", str(tiny_llama), "--calib-tokens", "128", "--calib-seq-len", "64", "--quiet"]
+    assert convert_main([*calib, "--mlx-path", str(root / "uniform"), "--kv-sink", "2", "--kv-window", "8",
+                         "--kv", "turboquant_mse,turboquant_rvq,turboquant_prod,qjl"]) == 0
+    assert convert_main([*calib, "--mlx-path", str(root / "ratequant"), "--kv", "turboquant_prod",
+                         "--kv-bits", "2.5"]) == 0
+    return {"uniform": root / "uniform", "ratequant": root / "ratequant"}
 
 
-def test_tiny_llama_generates_the_same_tokens_fast_or_not(converted_tq):
+@pytest.mark.parametrize("folder,method", [("uniform", "turboquant_mse"), ("uniform", "turboquant_rvq"),
+                                           ("uniform", "turboquant_prod"), ("uniform", "qjl"),
+                                           ("ratequant", "turboquant_prod")])
+def test_tiny_llama_generates_the_same_tokens_fast_or_not(converted, folder, method):
     prompt = mx.array([[1, 504, 2281, 314, 260, 1345, 282, 4649, 47, 378, 3086, 314]])
     runs = {}
     for fast in (True, False):
-        model, _ = velox.load(str(converted_tq), fast=fast)
+        model, _ = velox.load(str(converted[folder]), kv=method, fast=fast)
         assert attention.is_installed()
         cache = mlx_lm.models.cache.make_prompt_cache(model)
         assert all(isinstance(c, VeloxKVCache) and c.fast == fast for c in cache)
+        assert isinstance(cache[0].key_codec, ratequant.HeadGroupCodec) == (folder == "ratequant")
         # prefill in two chunks (the second with an offset), then greedy decode
         logits = model(prompt[:, :5], cache=cache)
         logits = model(prompt[:, 5:], cache=cache)

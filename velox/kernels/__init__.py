@@ -4,7 +4,8 @@
 cache's codecs and shapes, and otherwise runs the pure-mx reference
 (``reference.attend``), which is also what MLX's CPU backend always gets (custom
 kernels do not run there). The kernels (``source``) are written once and compiled per backend:
-``cuda`` with ``mx.fast.cuda_kernel``, ``metal`` with ``mx.fast.metal_kernel``.
+``cuda`` with ``mx.fast.cuda_kernel``, ``metal`` with ``mx.fast.metal_kernel``; they take
+ScalarCodec (turboquant_mse) keys and values only, every other codec runs the reference.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Optional
 
 import mlx.core as mx
 
+from ..methods.scalar import ScalarCodec
 from .reference import CompressedKV, Mask, supports
 from .reference import attend as reference_attend
 
@@ -35,7 +37,7 @@ def attend(queries: mx.array, kv: CompressedKV, scale: float, mask: Mask = None,
     """Attention of queries [B, Hq, L, D] over a compressed cache -> [B, Hq, L, D]
     (semantics of ``mx.fast.scaled_dot_product_attention`` on the decoded cache)."""
     name = backend()
-    if name != "cpu":
+    if name != "cpu" and type(kv.key_codec) is ScalarCodec and type(kv.value_codec) is ScalarCodec:
         fused = importlib.import_module(f".{name}", __name__)  # velox.kernels.cuda / .metal
         if fused.supports(queries, kv, mask):
             if kv.sink is None and kv.recent is None:  # codes only: the whole step in three launches

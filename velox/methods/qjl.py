@@ -54,6 +54,20 @@ class QJLCodec:
         return (signs @ self.sketch.T) * (norms.astype(mx.float32) * (math.sqrt(math.pi / 2) / m))[..., None]
 
 
+def query_basis(codec: QJLCodec, q: mx.array) -> mx.array:
+    """q [B, H, n, D] float32 -> q·S · √(π/2)/m [B, H, n, m]: then q · k̂ = norm · ⟨it, sign(k·S)⟩,
+    QJL's estimator scored from the sign bits (attention from the codes, velox.kernels.reference)."""
+    m = codec.sketch.shape[1]
+    return (q @ codec.sketch) * (math.sqrt(math.pi / 2) / m)
+
+
+def key_scores(codec: QJLCodec, q_sketch: mx.array, parts: tuple[mx.array, mx.array], a: int, b: int) -> mx.array:
+    """q · k̂ for the coded tokens [a, b) of parts (sign words, norms) -> [B, H, n, b − a] float32."""
+    words, norms = parts
+    signs = unpack_signs(words[:, :, a:b], codec.sketch.shape[1])
+    return (q_sketch @ signs.swapaxes(-1, -2)) * norms[:, :, None, a:b].astype(mx.float32)
+
+
 calibrate = no_calibration
 
 

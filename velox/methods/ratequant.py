@@ -21,7 +21,7 @@ import heapq
 import math
 from dataclasses import dataclass, replace
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -124,23 +124,39 @@ class HeadGroupCodec:
     def __post_init__(self):
         order = [h for heads, _ in self.groups for h in heads]
         self.inverse = mx.array(np.argsort(order).astype(np.int32))
+        self.head_index = [mx.array(heads) for heads, _ in self.groups]
         self.n_parts = [len(codec.encode(mx.zeros((1, len(heads), 1, self.head_dim))))
                         for heads, codec in self.groups]
+
+    @property
+    def num_heads(self) -> int:
+        """H: every group's heads (each part holds only its group's)."""
+        return len(self.inverse)
 
     def encode(self, x: mx.array, offset: int = 0) -> tuple[mx.array, ...]:
         """x [B, H, L, D] -> the parts of every group, concatenated."""
         out = ()
-        for heads, codec in self.groups:
-            out += tuple(codec.encode(x[:, mx.array(heads)], offset=offset))
+        for idx, (_, codec) in zip(self.head_index, self.groups):
+            out += tuple(codec.encode(x[:, idx], offset=offset))
         return out
 
     def decode(self, *parts: mx.array, offset: int = 0) -> mx.array:
         """-> x̂ [B, H, L, D]."""
-        outs, i = [], 0
-        for (heads, codec), n in zip(self.groups, self.n_parts):
-            outs.append(codec.decode(*parts[i:i + n], offset=offset))
-            i += n
-        return mx.take(mx.concatenate(outs, axis=1), self.inverse, axis=1)
+        return in_head_order(self, [codec.decode(*own, offset=offset) for _, codec, own in group_parts(self, parts)])
+
+
+def group_parts(codec: HeadGroupCodec, parts: tuple[mx.array, ...]) -> list[tuple[mx.array, Any, tuple]]:
+    """Split a HeadGroupCodec's parts per group -> [(head index [h], group codec, its parts)]."""
+    out, i = [], 0
+    for idx, (_, inner), n in zip(codec.head_index, codec.groups, codec.n_parts):
+        out.append((idx, inner, tuple(parts[i:i + n])))
+        i += n
+    return out
+
+
+def in_head_order(codec: HeadGroupCodec, per_group: list[mx.array]) -> mx.array:
+    """Per-group arrays [B, h, ...] (in group order) -> [B, H, ...] in head order."""
+    return mx.take(mx.concatenate(per_group, axis=1), codec.inverse, axis=1)
 
 
 def head_tensors(tensors: dict[str, mx.array], heads: list[int], num_heads: int) -> dict[str, mx.array]:
@@ -165,3 +181,33 @@ def make_mixed_codecs(module: ModuleType, tensors: dict[str, mx.array], spec: La
             groups.append((heads, module.make_codecs(head_tensors(mine, heads, H), sub)[which]))
         codecs.append(HeadGroupCodec(groups, spec.head_dim))
     return codecs[0], codecs[1]
+
+
+# ---------------------------------------------------------------- attention from the codes
+# Each group's heads are scored and summed by their own codec's functions, given as ``inner``
+# (velox.kernels.reference's dispatch on codec type), and put back in head order. A value
+# accumulator holds each head in its own group codec's basis.
+
+
+def query_basis(codec: HeadGroupCodec, q: mx.array, inner: Callable[[Any, mx.array], Any]) -> list:
+    """q [B, H, n, D] -> each group's query basis, ``inner(group codec, q of its heads)``."""
+    return [inner(c, q[:, idx]) for idx, (_, c) in zip(codec.head_index, codec.groups)]
+
+
+def key_scores(codec: HeadGroupCodec, q_basis: list, parts: tuple[mx.array, ...], a: int, b: int,
+               inner: Callable[..., mx.array]) -> mx.array:
+    """q · x̂ for the coded tokens [a, b) -> [B, H, n, b − a] float32."""
+    groups = zip(group_parts(codec, parts), q_basis)
+    return in_head_order(codec, [inner(c, qb, own, a, b) for (_, c, own), qb in groups])
+
+
+def value_sum(codec: HeadGroupCodec, p: mx.array, parts: tuple[mx.array, ...], a: int, b: int,
+              inner: Callable[..., mx.array]) -> mx.array:
+    """p [B, H, n, b − a] -> each head's value sum over tokens [a, b) in its group codec's basis [B, H, n, D]."""
+    return in_head_order(codec, [inner(c, p[:, idx], own, a, b) for idx, c, own in group_parts(codec, parts)])
+
+
+def value_output(codec: HeadGroupCodec, acc: mx.array, mass: mx.array, inner: Callable[..., mx.array]) -> mx.array:
+    """Summed ``value_sum`` acc [B, H, n, D], probability mass [B, H, n, 1] -> Σ p · x̂ [B, H, n, D]."""
+    return in_head_order(codec, [inner(c, acc[:, idx], mass[:, idx])
+                                 for idx, (_, c) in zip(codec.head_index, codec.groups)])

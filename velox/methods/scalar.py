@@ -10,8 +10,10 @@ per-coordinate bit width, so a cache holds ``words [B, H, S, W]`` and ``norms [B
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any, Callable, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -102,7 +104,9 @@ def fit_levels(samples: np.ndarray, bits: int, init: np.ndarray | None = None,
 class PackLayout:
     """Where each coordinate's code lives in a vector's uint32 words.
 
-    All arrays are ``[H, D]``: a head may spread its bits differently.
+    All arrays are ``[H, D]`` (``in_word``/``in_next``: ``[H, W, D]``): a head may spread its
+    bits differently. ``lanes`` [32/b] holds the sub-word shifts when every code has the same
+    width b dividing 32 (no code straddles a word), else None.
     """
 
     words: int
@@ -110,6 +114,9 @@ class PackLayout:
     shift: mx.array     # bit offset inside that word
     mask: mx.array      # (1 << bits) − 1
     straddle: mx.array  # bool: the code continues into the next word
+    in_word: mx.array   # bool [H, W, D]: word w holds the code's low bits
+    in_next: mx.array   # bool [H, W, D]: word w holds the high bits of a straddling code
+    lanes: Optional[mx.array]
 
     @classmethod
     def from_bits(cls, bits: np.ndarray) -> "PackLayout":
@@ -120,29 +127,41 @@ class PackLayout:
         word = starts // 32
         shift = starts % 32
         straddle = (shift + bits > 32)
+        w = np.arange(words)[None, :, None]
+        b = int(bits.flat[0])
+        equal = bool(np.all(bits == b)) and 32 % b == 0
         return cls(
             words=words,
             word=mx.array(word.astype(np.uint32)),
             shift=mx.array(shift.astype(np.uint32)),
             mask=mx.array(((1 << bits) - 1).astype(np.uint32)),
             straddle=mx.array(straddle),
+            in_word=mx.array(word[:, None, :] == w),
+            in_next=mx.array(straddle[:, None, :] & (word[:, None, :] + 1 == w)),
+            lanes=mx.arange(0, 32, b, dtype=mx.uint32) if equal else None,
         )
 
 
 def pack(codes: mx.array, layout: PackLayout) -> mx.array:
-    """codes [B, H, L, D] uint32 -> words [B, H, L, W] uint32."""
+    """codes [B, H, L, D] uint32 -> words [B, H, L, W] uint32.
+
+    A handful of ops whatever W: each is a kernel launch on a GPU, where a loop over words
+    made encoding one token cost more than attending over thousands.
+    """
+    if layout.lanes is not None:  # equal widths dividing 32: shift each code into its lane
+        *lead, D = codes.shape
+        per_word = layout.lanes.shape[0]
+        if layout.words * per_word != D:
+            codes = mx.pad(codes, [(0, 0)] * len(lead) + [(0, layout.words * per_word - D)])
+        lanes = mx.left_shift(codes.reshape(*lead, layout.words, per_word), layout.lanes)
+        return mx.sum(lanes, axis=-1).astype(mx.uint32)  # bits are disjoint, so sum == or
     shift = layout.shift[:, None, :]
     straddle = layout.straddle[:, None, :]
-    word = layout.word[:, None, :]
-    zero = mx.zeros_like(codes)
-    lo = mx.left_shift(codes, shift)
+    lo = mx.left_shift(codes, shift)[..., None, :]  # [B, H, L, 1, D]
     # Shifting by 32 is undefined, so guard the high part with the straddle flag.
-    hi = mx.where(straddle, mx.right_shift(codes, mx.where(straddle, 32 - shift, 0)), zero)
-    out = []
-    for w in range(layout.words):
-        part = mx.where(word == w, lo, zero) + mx.where(word + 1 == w, hi, zero)
-        out.append(mx.sum(part, axis=-1))  # bits are disjoint, so sum == or
-    return mx.stack(out, axis=-1).astype(mx.uint32)
+    hi = mx.where(straddle, mx.right_shift(codes, mx.where(straddle, 32 - shift, 0)), 0)[..., None, :]
+    part = mx.where(layout.in_word[:, None], lo, 0) + mx.where(layout.in_next[:, None], hi, 0)
+    return mx.sum(part, axis=-1).astype(mx.uint32)  # [B, H, L, W]
 
 
 def unpack(words: mx.array, layout: PackLayout) -> mx.array:
@@ -162,6 +181,29 @@ def unpack(words: mx.array, layout: PackLayout) -> mx.array:
 
 
 @lru_cache(maxsize=None)
+def chunk_table(levels: tuple[float, ...], bits: int) -> mx.array:
+    """Levels of every chunk of ``bits``-bit codes that share one codebook ``levels``:
+    [2^16, 16/b] for b = 1, 2, 4 (16-bit chunks), [256, 1] for b = 8 (bytes).
+
+    One gather per chunk then replaces the unpack and a gather per code, the CPU backend's
+    slowest ops; one table per codebook serves every codec (and layer) that uses it.
+    """
+    if bits == 8:
+        return mx.array(np.array(levels, np.float32)[:, None])
+    chunk = np.arange(1 << 16)
+    lv = np.array(levels, np.float32)
+    return mx.array(np.stack([lv[(chunk >> (bits * j)) & ((1 << bits) - 1)] for j in range(16 // bits)], axis=-1))
+
+
+def table_levels(words: mx.array, table: mx.array, n: int) -> mx.array:
+    """words [..., W] uint32 -> the levels [..., n] float32 of their first n codes (``chunk_table``;
+    the codes start at bit 0 of words[..., 0])."""
+    # Little-endian words: chunk i of a word holds its codes i·(16/b) … in order.
+    y = mx.take(table, words.view(mx.uint8 if table.shape[0] == 256 else mx.uint16), axis=0)
+    return y.reshape(*words.shape[:-1], -1)[..., :n]
+
+
+@lru_cache(maxsize=None)
 def sign_layout(n: int) -> PackLayout:
     """Layout of n one-bit codes, shared by every head (its [1, n] arrays broadcast over H)."""
     return PackLayout.from_bits(np.ones((1, n), dtype=np.int64))
@@ -174,7 +216,7 @@ def pack_signs(y: mx.array) -> mx.array:
 
 def unpack_signs(words: mx.array, n: int) -> mx.array:
     """words [B, H, L, W] -> ±1.0 [B, H, L, n] float32."""
-    return unpack(words, sign_layout(n)).astype(mx.float32) * 2.0 - 1.0
+    return table_levels(words, chunk_table((-1.0, 1.0), 1), n)
 
 
 def level_codes(y: mx.array, levels: mx.array) -> mx.array:
@@ -239,3 +281,107 @@ class ScalarCodec:
         if self.mean is not None:
             x = x + self.mean[:, None, :]
         return x
+
+
+# ---------------------------------------------------------------- attention from the codes
+#
+# ScalarCodec's functions for velox.kernels.reference. A coded vector decodes as
+# x̂ = norm · (levels[code] · scale) @ Rᵀ (+ mean), so
+#     q · x̂ = norm · ((q @ R) · scale) · levels[code]  (+ q · mean):
+# the query is rotated once and scored against looked-up levels (no D×D rotation per
+# token), and values are summed in the standardised rotated basis and un-rotated once.
+
+_PER_CODEC: dict[tuple[int, str], Any] = {}
+
+
+def per_codec(codec: Any, name: str, build: Callable[[Any], Any]) -> Any:
+    """``build(codec)``, computed once per codec object (and dropped with it): tables that
+    every decode step would otherwise rebuild."""
+    key = (id(codec), name)
+    if key not in _PER_CODEC:
+        _PER_CODEC[key] = build(codec)
+        weakref.finalize(codec, _PER_CODEC.pop, key, None)
+    return _PER_CODEC[key]
+
+
+def uniform_bits(codec: ScalarCodec) -> int:
+    """The codec's bit width when every coordinate of every head has it and it divides 32, else 0."""
+    b = int(codec.bits.flat[0])
+    return b if 32 % b == 0 and np.all(codec.bits == b) else 0
+
+
+def unpack_codes(words: mx.array, codec: ScalarCodec) -> mx.array:
+    """words [B, H, N, W] -> codes [B, H, N, D] uint32.
+
+    Equal widths that divide 32 never straddle words: one shift per sub-word, which is
+    much cheaper than the general layout's two gathers.
+    """
+    b = uniform_bits(codec)
+    if not b:
+        return unpack(words, codec.layout)
+    D = codec.levels.shape[1]
+    shifts = mx.arange(0, 32, b, dtype=mx.uint32)
+    codes = mx.right_shift(words[..., None], shifts) & ((1 << b) - 1)
+    B, H, N, W = words.shape
+    return codes.reshape(B, H, N, W * (32 // b))[..., :D]
+
+
+def shared_table(codec: ScalarCodec) -> Optional[mx.array]:
+    """The codec's ``chunk_table`` when all heads and coordinates share one codebook of
+    b = 1, 2, 4 or 8 bits (turboquant), else None (general unpack and per-coordinate gather)."""
+    return per_codec(codec, "table", _build_shared_table)
+
+
+def _build_shared_table(codec: ScalarCodec) -> Optional[mx.array]:
+    b = uniform_bits(codec)
+    if b not in (1, 2, 4, 8):
+        return None
+    levels = np.array(codec.levels[..., : 1 << b].astype(mx.float32))
+    if not np.all(levels == levels[:1, :1]):
+        return None
+    return chunk_table(tuple(levels[0, 0].tolist()), b)
+
+
+def code_levels(words: mx.array, codec: ScalarCodec) -> mx.array:
+    """words [B, H, N, W] -> levels[code] [B, H, N, D] float32: the coded vectors in the
+    codec's rotated basis, standardised (times ``codec.scale`` to undo, then norm)."""
+    table = shared_table(codec)
+    if table is not None:
+        return table_levels(words, table, codec.levels.shape[1])
+    return mx.take(codec.flat_levels, codec.flat_base + unpack_codes(words, codec)).astype(mx.float32)
+
+
+def query_basis(codec: ScalarCodec, q: mx.array) -> tuple[mx.array, Optional[mx.array]]:
+    """q [B, H, n, D] float32 -> (q_rot = (q @ R) · scale [B, H, n, D], q · mean [B, H, n, 1] or None)."""
+    q_rot = (q @ codec.rotation.astype(mx.float32)) * codec.scale[None, :, None, :]
+    q_mean = None if codec.mean is None else q @ codec.mean[:, :, None].astype(mx.float32)
+    return q_rot, q_mean
+
+
+def key_scores(codec: ScalarCodec, q_basis: tuple[mx.array, Optional[mx.array]],
+               parts: tuple[mx.array, mx.array], a: int, b: int) -> mx.array:
+    """q · x̂ for the coded tokens [a, b) of parts (words, norms) -> [B, H, n, b − a] float32."""
+    q_rot, q_mean = q_basis
+    words, norms = parts
+    y = code_levels(words[:, :, a:b], codec)
+    s = (q_rot @ y.swapaxes(-1, -2)) * norms[:, :, None, a:b].astype(mx.float32)
+    return s if q_mean is None else s + q_mean
+
+
+def value_sum(codec: ScalarCodec, p: mx.array, parts: tuple[mx.array, mx.array], a: int, b: int) -> mx.array:
+    """p [B, H, n, b − a] -> Σ p · norm · levels[code] [B, H, n, D]: p @ x̂ over tokens [a, b)
+    in the standardised rotated basis, without the mean (``value_output`` adds it)."""
+    words, norms = parts
+    return (p * norms[:, :, None, a:b].astype(mx.float32)) @ code_levels(words[:, :, a:b], codec)
+
+
+def value_output(codec: ScalarCodec, acc: mx.array, mass: mx.array) -> mx.array:
+    """Summed ``value_sum`` acc [B, H, n, D] and probability mass [B, H, n, 1] -> Σ p · x̂ [B, H, n, D]."""
+    mean = per_codec(codec, "mean", lambda c: mx.zeros(c.scale.shape) if c.mean is None else c.mean.astype(mx.float32))
+    return _unrotate(acc, mass, codec.scale, codec.rotation_t, mean)
+
+
+@mx.compile
+def _unrotate(acc, mass, scale, rotation_t, mean):
+    # Compiled: on a GPU each small op would otherwise cost a launch per layer and step.
+    return (acc * scale[:, None, :]) @ rotation_t + mass * mean[:, None, :]

@@ -10,10 +10,11 @@ error is what matters and the QJL stage would only add variance there.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 
-from . import turboquant_mse
+from . import qjl, scalar, turboquant_mse
 from .base import LayerSpec, no_calibration
 from .qjl import QJLCodec, sketch_matrix
 from .rotation import KEY_ROTATION, KEY_SKETCH, layer_seed
@@ -41,6 +42,20 @@ class ProdCodec:
     def decode(self, words, norms, r_words, r_norms, offset: int = 0) -> mx.array:
         """-> k̂ [B, H, L, D], unbiased for inner products."""
         return self.mse.decode(words, norms) + self.qjl.decode(r_words, r_norms)
+
+
+def query_basis(codec: ProdCodec, q: mx.array) -> tuple[Any, mx.array]:
+    """q [B, H, n, D] float32 -> (its basis for the MSE codes, for the residual's sketch): q · k̂ is
+    the MSE part's score plus the QJL estimator term (attention from the codes, velox.kernels.reference)."""
+    return scalar.query_basis(codec.mse, q), qjl.query_basis(codec.qjl, q)
+
+
+def key_scores(codec: ProdCodec, q_basis: tuple[Any, mx.array], parts: tuple[mx.array, ...],
+               a: int, b: int) -> mx.array:
+    """q · k̂ for the coded tokens [a, b) of parts (words, norms, residual sign words, residual
+    norms) -> [B, H, n, b − a] float32."""
+    return (scalar.key_scores(codec.mse, q_basis[0], parts[:2], a, b)
+            + qjl.key_scores(codec.qjl, q_basis[1], parts[2:], a, b))
 
 
 calibrate = no_calibration
