@@ -27,24 +27,38 @@ def smollm2_path() -> Path:
     return SMOLLM2
 
 
-def write_tiny_llama(folder: Path, tokenizer_src: Path, **overrides) -> Path:
-    """A tiny random llama with SmolLM2's tokenizer, saved as an HF folder."""
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
+LLAMA_CONFIG = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-5,
+                    vocab_size=49152, rope_theta=10000.0, tie_word_embeddings=True,
+                    max_position_embeddings=2048)
 
-    config = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-5,
-                  vocab_size=49152, rope_theta=10000.0, tie_word_embeddings=True,
-                  max_position_embeddings=2048)
-    config.update(overrides)
+
+def write_tiny_model(folder: Path, tokenizer_src: Path, model_type: str, **config) -> Path:
+    """A tiny random mlx_lm model of ``model_type`` with SmolLM2's tokenizer, saved as an HF folder.
+
+    config: the model's config.json fields besides model_type (vocab_size 49152 to match
+    the tokenizer). The class comes from mlx_lm's own model_type lookup, so any
+    architecture mlx_lm loads can be written; weights are its random initialisation
+    (seed 0), saved as mlx_lm would load them.
+    """
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    config = dict(model_type=model_type, **config)
+    model_class, args_class = _get_classes(config)
     mx.random.seed(0)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model = model_class(args_class.from_dict(config))
     folder.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (folder / "config.json").write_text(json.dumps(config))
     for name in TOKENIZER_FILES:
         shutil.copy(tokenizer_src / name, folder / name)
     return folder
+
+
+def write_tiny_llama(folder: Path, tokenizer_src: Path, **overrides) -> Path:
+    """A tiny random llama with SmolLM2's tokenizer, saved as an HF folder."""
+    return write_tiny_model(folder, tokenizer_src, **{**LLAMA_CONFIG, **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from mlx_lm.models.cache import KVCache, create_attention_mask, make_prompt_cach
 from tqdm import tqdm
 
 from ..methods.base import LayerActivations
-from ..methods.rope import RopeInverse, attention_module
+from ..methods.rope import RopeInverse, layer_rope
 from ..runtime import attention
 
 
@@ -58,6 +58,14 @@ def check_finite(layer: int, sequence: int, parts: tuple[tuple[str, np.ndarray],
                          "the model's activations are not finite there, so velox cannot calibrate on them")
 
 
+def layer_unrope(model, layer: int, head_dim: int):
+    """(keys, offset) -> pre-RoPE keys for one layer. A layer without a rope module
+    (learned or no positions: gpt2, NoPE layers) hands its cache keys that are already
+    pre-RoPE, so they are kept as they are."""
+    rope = layer_rope(model, layer)
+    return RopeInverse(rope, head_dim).unrope if rope is not None else (lambda x, offset: x)
+
+
 def capture(model, sequences: np.ndarray, progress: bool = True) -> list[LayerActivations | None]:
     """Run ``sequences [n_seq, L]`` through the model; one LayerActivations per layer.
 
@@ -66,9 +74,8 @@ def capture(model, sequences: np.ndarray, progress: bool = True) -> list[LayerAc
     """
     plain = plain_layers(model)
     n_seq, L = sequences.shape
-    layers = model.layers
     store = [dict(keys=[], pre=[], values=[], queries=[]) if p else None for p in plain]
-    rope_inv: list[RopeInverse | None] = [None] * len(layers)
+    unrope = {}  # layer -> its keys' RoPE inverse (x, offset) -> x, built on first use
     attention.install()
     try:
         for s in tqdm(range(n_seq), desc="capture", disable=not progress):
@@ -78,10 +85,10 @@ def capture(model, sequences: np.ndarray, progress: bool = True) -> list[LayerAc
             recorded = {}
             for i, c in enumerate(caches):
                 if isinstance(c, CaptureCache):
-                    if rope_inv[i] is None:
-                        rope_inv[i] = RopeInverse(attention_module(layers[i]).rope, c.keys[0].shape[-1])
+                    if i not in unrope:
+                        unrope[i] = layer_unrope(model, i, c.keys[0].shape[-1])
                     k = c.keys[0].astype(mx.float32)
-                    recorded[i] = (k, rope_inv[i].unrope(k, 0), c.values[0], c.queries[0])
+                    recorded[i] = (k, unrope[i](k, 0), c.values[0], c.queries[0])
             mx.eval(recorded)
             for i, arrays in recorded.items():
                 # [1, H, L, D] -> [L, H, D] float16

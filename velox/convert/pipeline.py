@@ -1,20 +1,25 @@
-"""velox-convert's pipeline: load → capture → calibrate every method → write the folder."""
+"""velox-convert's pipeline: plan (lazy load, -q quantization) → read and save the weights →
+capture → calibrate every method → measure its cache bytes → write the folder."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.utils import load as mlx_lm_load
-from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.utils import save_config, save_model
+from mlx.utils import tree_flatten
+from mlx_lm import __version__ as mlx_lm_version
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.utils import compute_bits_per_weight, dequantize_model, quantize_model, save_config, save_model
 from tqdm import tqdm
 
 from .. import __version__
@@ -22,10 +27,10 @@ from ..cpu import float32_on_cpu
 from ..format import ARTIFACT_FILE, FORMAT_VERSION, MAX_BITS, MAX_FP16_TOKENS, sha256_file
 from ..methods import LayerSpec, get_method, outliers, ratequant
 from ..methods.rope import layer_rope, spec_rope
-from ..model_cards import render_card
+from ..model_cards import describe_weights, render_card
 from ..runtime.cache import ExactCodec, VeloxKVCache
-from ..runtime.loader import resolve_path
-from .calib_data import load_calibration
+from ..runtime.loader import TESTED_ARCHITECTURES, build_codecs, load_artifact, load_mlx_lm, resolve_path
+from .calib_data import CalibrationSet, load_calibration
 from .capture import capture
 
 
@@ -248,22 +253,95 @@ def swap_into_place(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def convert(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
-            key_bits: Optional[int] = None, value_bits: Optional[int] = None,
-            calib_data: Optional[str] = None, calib_tokens: int = 8192, calib_seq_len: int = 512,
-            seed: int = 0, force: bool = False, progress: bool = True,
-            method_options: Optional[dict[str, dict]] = None, sink: int = 0, window: int = 0,
-            avg_bits: Optional[float] = None, alloc: Optional[str] = None) -> dict:
-    """Convert ``hf_path`` into a velox folder at ``mlx_path``; returns its kv_quant section.
+@dataclass
+class Plan:
+    """What ``convert`` will do, settled before anything is captured or written.
 
-    method_options: per-method calibration keywords, e.g. ``{"rabitq": {"nlist": 64}}``.
-    sink / window: the first ``sink`` and the last ``window`` tokens stay in fp16 in every
-    method's caches (recorded per method).
-    avg_bits / alloc: average bits over keys and values, spread ``uniform``ly (an integer)
-    or by ``ratequant`` per (layer, KV head, K/V); a fractional average implies ratequant.
+    model / tokenizer / config come from mlx_lm's lazy load: no weight has been read yet,
+    and -q's quantization is already applied to the lazy model, so ``config`` holds the
+    ``quantization`` section exactly as mlx_lm writes it.
+    """
 
-    The folder is built in a temporary directory beside the target and renamed into
-    place at the end, so a failure leaves nothing behind.
+    hf_path: str
+    source: Path
+    target: Path
+    methods: list[str]
+    bits: dict[str, tuple[int, int]]  # method -> (key bits, value bits); ratequant's average without avg_bits
+    alloc: str
+    avg_bits: Optional[float]
+    options: dict[str, dict]
+    sink: int
+    window: int
+    seed: int
+    caches: list[str]  # per layer: "plain" (velox codes it) or the native cache's class name
+    num_kv_heads: int
+    head_dim: int
+    calib: CalibrationSet
+    weights: Optional[dict]  # weight_quantization(); None: full-precision weights
+    model: Any
+    tokenizer: Any
+    config: dict
+
+
+def weight_quantization(model, config: dict, quantized_here: bool) -> Optional[dict]:
+    """The folder's weight quantization -> {bits, group_size, mode, bits_per_weight, by}
+    (by: "mlx_lm <version>" when -q quantized it here, "input" when it came quantized);
+    None for full-precision weights. Shapes only: works on the lazy model."""
+    q = config.get("quantization")
+    if not q:
+        return None
+    return {"bits": q.get("bits"), "group_size": q.get("group_size"), "mode": q.get("mode", "affine"),
+            "bits_per_weight": round(compute_bits_per_weight(model), 3),
+            "by": f"mlx_lm {mlx_lm_version}" if quantized_here else "input"}
+
+
+def load_source(src: Path, hf_path: str, quantize: bool, q_group_size: Optional[int], q_bits: Optional[int],
+                q_mode: str) -> tuple[Any, Any, dict]:
+    """mlx_lm's lazy load of ``src``, then, with ``quantize``, mlx_lm's ``quantize_model``
+    (its defaults per mode, its config section) -> (model, tokenizer, config)."""
+    model, tokenizer, config = load_mlx_lm(src, return_config=True, lazy=True)
+    if not quantize:
+        return model, tokenizer, config
+    if "quantization" in config or "quantization_config" in config:
+        info = weight_quantization(model, config, quantized_here=False)
+        raise ValueError(f"{hf_path} is already quantized" + (f": {describe_weights(info)}" if info else "")
+                         + ". Drop -q: velox-convert then adds kv_quant and keeps the weights as they are")
+    with contextlib.redirect_stdout(io.StringIO()):  # mlx_lm prints bits per weight; the plan reports it
+        model, config = quantize_model(model, config, q_group_size, q_bits, mode=q_mode)
+    if not any(hasattr(m, "scales") for m in model.modules()):
+        raise ValueError(f"-q quantized no layer: no weight's input size is a multiple of group size "
+                         f"{config['quantization']['group_size']}")
+    return model, tokenizer, config
+
+
+def kv_layout(model) -> tuple[list[str], int, int]:
+    """(per layer "plain" or the native cache's class name, num_kv_heads, head_dim of the plain
+    layers), from one token through the model with its own caches. MLX infers shapes without
+    evaluating, so on a lazily loaded model no weight is read."""
+    cache = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=cache)
+    plain = [c for c in cache if type(c) is KVCache]
+    if not plain:
+        native = sorted({type(c).__name__ for c in cache})
+        raise ValueError(f"the model has no attention layer with a plain KVCache for velox to compress (its layers "
+                         f"use {', '.join(native)}); velox compresses the KVCache layers of llama-style and hybrid "
+                         f"architectures (tested: {', '.join(TESTED_ARCHITECTURES)})")
+    _, num_kv_heads, _, head_dim = plain[0].keys.shape
+    return ["plain" if type(c) is KVCache else type(c).__name__ for c in cache], num_kv_heads, head_dim
+
+
+def plan_conversion(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
+                    key_bits: Optional[int] = None, value_bits: Optional[int] = None,
+                    calib_data: Optional[str] = None, calib_tokens: int = 8192, calib_seq_len: int = 512,
+                    seed: int = 0, force: bool = False, method_options: Optional[dict[str, dict]] = None,
+                    sink: int = 0, window: int = 0, avg_bits: Optional[float] = None,
+                    alloc: Optional[str] = None, quantize: bool = False, q_group_size: Optional[int] = None,
+                    q_bits: Optional[int] = None, q_mode: str = "affine") -> Plan:
+    """Check every option, load the model lazily (quantized with ``quantize``) and tokenize the
+    calibration text: all that ``convert`` needs before capturing, and all --dry-run shows.
+
+    Raises what the conversion would raise on these options (ValueError, FileExistsError,
+    FileNotFoundError). Arguments as ``convert``'s.
     """
     target = Path(mlx_path)
     if target.exists() and not force:
@@ -274,37 +352,121 @@ def convert(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
     for flag, n in (("--kv-sink", sink), ("--kv-window", window)):
         if not 0 <= n <= MAX_FP16_TOKENS:
             raise ValueError(f"{flag} must be in 0..{MAX_FP16_TOKENS}, got {n}")
+    options = {m: dict((method_options or {}).get(m) or {}) for m in names}
+    if alloc == "ratequant" and any("outliers" in o for o in options.values()):
+        raise ValueError("--kv-outliers does not combine with RateQuant allocation yet")
 
     src = resolve_path(hf_path)
-    model, tokenizer, config = mlx_lm_load(str(src), return_config=True)
+    model, tokenizer, config = load_source(src, hf_path, quantize, q_group_size, q_bits, q_mode)
+    caches, num_kv_heads, head_dim = kv_layout(model)
+    for m, o in options.items():
+        if o.get("outliers"):
+            outliers.check(m, o["outliers"], head_dim)
+    calib = load_calibration(tokenizer, calib_data, calib_tokens, calib_seq_len)
+    return Plan(hf_path=str(hf_path), source=src, target=target, methods=names, bits=bits, alloc=alloc,
+                avg_bits=avg_bits, options=options, sink=sink, window=window, seed=seed, caches=caches,
+                num_kv_heads=int(num_kv_heads), head_dim=int(head_dim), calib=calib,
+                weights=weight_quantization(model, config, quantize), model=model, tokenizer=tokenizer,
+                config=config)
+
+
+def read_weights(model, desc: str, progress: bool = True) -> None:
+    """Evaluate the lazily loaded (and maybe quantized) weights tensor by tensor, behind a bar in bytes."""
+    params = [p for _, p in tree_flatten(model.parameters())]
+    with tqdm(total=sum(p.nbytes for p in params), desc=desc, unit="B", unit_scale=True,
+              disable=not progress) as bar:
+        for p in params:
+            mx.eval(p)
+            bar.update(p.nbytes)
+
+
+def calibration_compute(model) -> None:
+    """On MLX's CPU backend: compute in float32 (as velox.load does there) with quantized layers
+    dequantized. Scales are cast first, so the dequantized weights are exactly the values the
+    loaded quantized model multiplies by; CPU quantized matmuls are ~10× slower than BLAS."""
+    float32_on_cpu(model)
+    if mx.default_device() == mx.cpu:
+        dequantize_model(model)
+
+
+MEASURE_TOKENS = 1024  # a multiple of the caches' 256-token step: no allocation slack is counted
+
+
+def layer_bytes_per_token(codecs: list, method: str, entry: dict, num_kv_heads: int, head_dim: int,
+                          n: int = MEASURE_TOKENS) -> float:
+    """Mean bytes one coded layer's VeloxKVCache holds per token once ``n`` tokens went in.
+
+    codecs: the loader's (key codec, value codec) per layer, None for native layers. Each
+    cache gets keys/values [1, H, n, D] and reports its ``nbytes`` (codes, per-vector
+    scalars, fp16 sink/window). Those bytes depend on the token count only, so random
+    vectors measure them.
+    """
+    kv = mx.random.normal((2, 1, num_kv_heads, n, head_dim), key=mx.random.key(0))
+    caches = [VeloxKVCache(*c, method=method, sink=entry.get("sink", 0), window=entry.get("window", 0))
+              for c in codecs if c is not None]
+    for c in caches:
+        c.update_and_fetch(kv[0], kv[1])
+    return sum(c.nbytes for c in caches) / (len(caches) * n)
+
+
+def convert(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
+            key_bits: Optional[int] = None, value_bits: Optional[int] = None,
+            calib_data: Optional[str] = None, calib_tokens: int = 8192, calib_seq_len: int = 512,
+            seed: int = 0, force: bool = False, progress: bool = True,
+            method_options: Optional[dict[str, dict]] = None, sink: int = 0, window: int = 0,
+            avg_bits: Optional[float] = None, alloc: Optional[str] = None, quantize: bool = False,
+            q_group_size: Optional[int] = None, q_bits: Optional[int] = None, q_mode: str = "affine",
+            repo_id: Optional[str] = None) -> dict:
+    """Convert ``hf_path`` into a velox folder at ``mlx_path``; returns its kv_quant section.
+
+    method_options: per-method calibration keywords, e.g. ``{"rabitq": {"nlist": 64}}``.
+    sink / window: the first ``sink`` and the last ``window`` tokens stay in fp16 in every
+    method's caches (recorded per method).
+    avg_bits / alloc: average bits over keys and values, spread ``uniform``ly (an integer)
+    or by ``ratequant`` per (layer, KV head, K/V); a fractional average implies ratequant.
+    quantize / q_group_size / q_bits / q_mode: mlx_lm.convert's weight quantization (same
+    defaults per mode), applied before calibration so the KV methods are fitted on the
+    model users run.
+    repo_id: the Hub repo the model card's usage names (default: the folder's name).
+
+    The folder is built in a temporary directory beside the target and renamed into
+    place at the end, so a failure leaves nothing behind.
+    """
+    plan = plan_conversion(hf_path, mlx_path, kv=kv, key_bits=key_bits, value_bits=value_bits,
+                           calib_data=calib_data, calib_tokens=calib_tokens, calib_seq_len=calib_seq_len,
+                           seed=seed, force=force, method_options=method_options, sink=sink, window=window,
+                           avg_bits=avg_bits, alloc=alloc, quantize=quantize, q_group_size=q_group_size,
+                           q_bits=q_bits, q_mode=q_mode)
+    return write_folder(plan, progress=progress, repo_id=repo_id)
+
+
+def write_folder(plan: Plan, progress: bool = True, repo_id: Optional[str] = None) -> dict:
+    """Carry out ``plan``: read (quantize) and save the weights, capture, calibrate every method,
+    measure its cache bytes, write kv_quant and the card -> the kv_quant section."""
+    model, target = plan.model, plan.target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        save_model(tmp, model)
-        copy_tokenizer_files(src, tmp, tokenizer)
-        float32_on_cpu(model)
+        quantizing = plan.weights is not None and plan.weights["by"] != "input"
+        read_weights(model, "load + quantize" if quantizing else "load", progress)
+        save_model(tmp, model)  # before calibration_compute: weights stay as loaded / quantized
+        copy_tokenizer_files(plan.source, tmp, plan.tokenizer)
+        calibration_compute(model)
 
-        calib = load_calibration(tokenizer, calib_data, calib_tokens, calib_seq_len)
         t0 = time.perf_counter()
-        acts = capture(model, calib.tokens, progress=progress)
+        acts = capture(model, plan.calib.tokens, progress=progress)
         capture_seconds = time.perf_counter() - t0
-        first = next((a for a in acts if a is not None), None)
-        if first is None:
-            raise ValueError("the model has no plain KVCache attention layer for velox to compress")
-        _, num_kv_heads, head_dim = first.keys.shape
 
         methods, tensors = {}, {}
-        for m in names:
-            options = (method_options or {}).get(m)
-            if alloc == "ratequant":
-                if options and "outliers" in options:
-                    raise ValueError("--kv-outliers does not combine with RateQuant allocation yet")
-                avg = avg_bits if avg_bits is not None else sum(bits[m]) / 2
-                entry, t = calibrate_ratequant(m, acts, model, avg, seed, options, progress,
-                                               tokens=calib.tokens[:RATEQUANT_SEQUENCES])
+        for m in plan.methods:
+            options = plan.options[m]
+            if plan.alloc == "ratequant":
+                avg = plan.avg_bits if plan.avg_bits is not None else sum(plan.bits[m]) / 2
+                entry, t = calibrate_ratequant(m, acts, model, avg, plan.seed, options, progress,
+                                               tokens=plan.calib.tokens[:RATEQUANT_SEQUENCES])
             else:
-                entry, t = calibrate_method(m, acts, model, *bits[m], seed, options, progress)
-            entry.update({k: n for k, n in (("sink", sink), ("window", window)) if n})
+                entry, t = calibrate_method(m, acts, model, *plan.bits[m], plan.seed, options, progress)
+            entry.update({k: n for k, n in (("sink", plan.sink), ("window", plan.window)) if n})
             methods[m] = entry
             tensors.update(t)
         del acts
@@ -314,19 +476,26 @@ def convert(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
         kvq = {
             "format_version": FORMAT_VERSION,
             "velox_version": __version__,
-            "default_method": names[0],
+            "default_method": plan.methods[0],
             "methods": methods,
-            "model": {"num_layers": len(model.layers), "num_kv_heads": int(num_kv_heads),
-                      "head_dim": int(head_dim)},
-            "calibration": {"corpus": calib.corpus, "sha256": calib.sha256,
-                            "tokens": int(calib.tokens.size), "seq_len": int(calib.tokens.shape[1]),
-                            "seed": seed, "capture_seconds": round(capture_seconds, 2)},
+            "model": {"num_layers": len(model.layers), "num_kv_heads": plan.num_kv_heads,
+                      "head_dim": plan.head_dim},
+            "calibration": {"corpus": plan.calib.corpus, "sha256": plan.calib.sha256,
+                            "tokens": int(plan.calib.tokens.size), "seq_len": int(plan.calib.tokens.shape[1]),
+                            "seed": plan.seed, "capture_seconds": round(capture_seconds, 2)},
             "artifacts": [{"file": ARTIFACT_FILE, "sha256": sha256_file(tmp / ARTIFACT_FILE)}],
         }
-        config["kv_quant"] = kvq
+        saved = load_artifact(tmp)  # measured from what was written, codecs built as velox.load builds them
+        for m, entry in methods.items():
+            codecs = build_codecs(kvq, m, saved, model)
+            entry["bytes_per_token_per_layer"] = round(
+                layer_bytes_per_token(codecs, m, entry, plan.num_kv_heads, plan.head_dim), 2)
+        config = dict(plan.config, kv_quant=kvq)
         save_config(config, tmp / "config.json")
-        base = str(hf_path) if not Path(hf_path).exists() else Path(hf_path).name
-        (tmp / "README.md").write_text(render_card(kvq, base_model=base, name=target.name))
+        base = plan.hf_path if not Path(plan.hf_path).exists() else Path(plan.hf_path).name
+        (tmp / "README.md").write_text(render_card(kvq, base_model=base, name=target.name,
+                                                   measure_tokens=MEASURE_TOKENS, repo=repo_id,
+                                                   weights=plan.weights))
 
         swap_into_place(tmp, target)
         return kvq

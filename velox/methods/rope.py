@@ -20,9 +20,14 @@ def attention_module(layer):
     raise ValueError(f"cannot find the attention module of {type(layer).__name__}")
 
 
+ROPE_NAMES = ("rope", "rotary_emb")  # mlx_lm's names for an attention's rope module (rotary_emb: qwen, plamo)
+
+
 def layer_rope(model, layer: int):
-    """The rope module of ``model.layers[layer]``'s attention, or None if it has none."""
-    return getattr(attention_module(model.layers[layer]), "rope", None)
+    """The rope module of ``model.layers[layer]``'s attention, or None if it has none
+    (learned or no positions, as gpt2's)."""
+    attn = attention_module(model.layers[layer])
+    return next((getattr(attn, name) for name in ROPE_NAMES if hasattr(attn, name)), None)
 
 
 def rope_matrices(rope, positions, head_dim: int) -> np.ndarray:

@@ -37,6 +37,33 @@ def resolve_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
     return Path(snapshot_download(str(path_or_repo), revision=revision, allow_patterns=patterns))
 
 
+# Architectures tests/test_architectures.py converts, loads and generates with (tiny random
+# instances), covering their RoPE variants and hybrid layers.
+TESTED_ARCHITECTURES = ("llama", "mistral", "qwen", "qwen2", "qwen3", "phi3", "gemma3_text", "qwen3_next", "gpt2")
+
+
+def mlx_lm_model_types() -> list[str]:
+    """The model types the installed mlx_lm can build: its model modules defining ModelArgs
+    (read, not imported: importing ~100 modules only to list them is slow)."""
+    import mlx_lm.models
+
+    folder = Path(mlx_lm.models.__file__).parent
+    return sorted(f.stem for f in folder.glob("*.py") if "class ModelArgs" in f.read_text())
+
+
+def load_mlx_lm(path: str | Path, **kwargs) -> tuple[Any, ...]:
+    """``mlx_lm.utils.load``, where an architecture mlx_lm cannot build is reported with the
+    ones it can (velox compresses the plain-KVCache layers of any of them)."""
+    try:
+        return mlx_lm_load(str(path), **kwargs)
+    except ValueError as e:
+        if not str(e).startswith("Model type") or "not supported" not in str(e):
+            raise
+        raise ValueError(f"{e} velox runs on the architectures mlx_lm builds, compressing their attention layers "
+                         f"that use a plain KVCache; this mlx_lm supports: {', '.join(mlx_lm_model_types())} "
+                         f"(tested with velox: {', '.join(TESTED_ARCHITECTURES)})") from None
+
+
 def read_kv_quant(folder: Path) -> dict:
     """The raw kv_quant section of ``folder/config.json`` (not yet validated)."""
     config_path = Path(folder) / "config.json"
@@ -222,7 +249,7 @@ def load(path_or_repo: str, kv: Optional[str] = None, revision: Optional[str] = 
     """
     folder = resolve_path(path_or_repo, revision)
     kvq = read_kv_quant(folder)
-    model, tokenizer, *config = mlx_lm_load(str(folder), **kwargs)  # config: with return_config=True
+    model, tokenizer, *config = load_mlx_lm(folder, **kwargs)  # config: with return_config=True
     float32_on_cpu(model)
     validate_kv_quant(kvq, len(model.layers), set(METHODS))
     install_kv_caches(model, folder, kvq, kv, fast=fast)
