@@ -14,7 +14,7 @@ from velox.convert.cli import main as convert_main
 from velox.format import ARTIFACT_FILE, sha256_file
 from velox.methods import spectral
 
-from conftest import write_tiny_llama
+from conftest import write_tiny_llama, write_tiny_model
 
 CALIB = dict(calib_tokens=256, calib_seq_len=64, progress=False)
 
@@ -123,3 +123,28 @@ def test_same_model_data_and_seed_give_identical_artifacts(tiny_llama, tmp_path)
     assert other["artifacts"][0]["sha256"] != digests[0]  # the seed is really used
     cfg = [json.loads((tmp_path / f"run{r}" / "config.json").read_text())["kv_quant"] for r in range(2)]
     assert cfg[0]["calibration"]["sha256"] == cfg[1]["calibration"]["sha256"]
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tiny_llama, tmp_path, capsys):
+    src = tmp_path / "odd"
+    src.mkdir()
+    for f in tiny_llama.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(config, model_type="not_a_model")))
+    assert convert_main(["--hf-path", str(src), "--mlx-path", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Model type not_a_model not supported" in err
+    assert "this mlx_lm supports: " in err and " llama, " in err and " qwen3_next, " in err
+    assert "tested with velox: llama, mistral" in err
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_model_without_kv_cache_layers_is_refused_by_name(smollm2_path, tmp_path):
+    src = write_tiny_model(tmp_path / "mamba", smollm2_path, "mamba", vocab_size=49152, hidden_size=64,
+                           intermediate_size=128, state_size=8, num_hidden_layers=2, conv_kernel=4, use_bias=False,
+                           use_conv_bias=True, time_step_rank=4, tie_word_embeddings=True)
+    with pytest.raises(ValueError, match=r"no attention layer with a plain KVCache .*use ArraysCache.*tested: llama"):
+        pipeline.convert(str(src), str(tmp_path / "out"), kv="turboquant_mse", calib_tokens=128,
+                         calib_seq_len=64, progress=False)
+    assert leftovers(tmp_path, "out") == []
