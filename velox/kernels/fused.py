@@ -17,7 +17,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import source
-from .reference import CompressedKV, per_codec, uniform_bits
+from ..methods.scalar import per_codec, uniform_bits
+from .reference import CompressedKV
 
 THREADS = 128  # partial kernel: 4 warps (SIMD groups); the body's NT
 

@@ -29,7 +29,7 @@ import mlx.core as mx
 from ..methods import qjl, ratequant, scalar, turboquant_prod, turboquant_rvq
 from ..methods.qjl import QJLCodec
 from ..methods.ratequant import HeadGroupCodec
-from ..methods.scalar import ScalarCodec, per_codec, uniform_bits  # noqa: F401  (the kernels import these from here)
+from ..methods.scalar import ScalarCodec
 from ..methods.turboquant_prod import ProdCodec
 from ..methods.turboquant_rvq import RVQCodec
 

@@ -168,6 +168,10 @@ def unpack(words: mx.array, layout: PackLayout) -> mx.array:
     """words [B, H, L, W] uint32 -> codes [B, H, L, D] uint32."""
     B, H, L, _ = words.shape
     D = layout.word.shape[-1]
+    if layout.lanes is not None:  # equal widths dividing 32: one shift per lane, no gathers
+        per_word = layout.lanes.shape[0]
+        codes = mx.right_shift(words[..., None], layout.lanes) & ((1 << (32 // per_word)) - 1)
+        return codes.reshape(B, H, L, -1)[..., :D]
     shape = (B, H, L, D)
     idx = mx.broadcast_to(layout.word[:, None, :], shape)
     nxt = mx.minimum(idx + 1, layout.words - 1)
@@ -310,22 +314,6 @@ def uniform_bits(codec: ScalarCodec) -> int:
     return b if 32 % b == 0 and np.all(codec.bits == b) else 0
 
 
-def unpack_codes(words: mx.array, codec: ScalarCodec) -> mx.array:
-    """words [B, H, N, W] -> codes [B, H, N, D] uint32.
-
-    Equal widths that divide 32 never straddle words: one shift per sub-word, which is
-    much cheaper than the general layout's two gathers.
-    """
-    b = uniform_bits(codec)
-    if not b:
-        return unpack(words, codec.layout)
-    D = codec.levels.shape[1]
-    shifts = mx.arange(0, 32, b, dtype=mx.uint32)
-    codes = mx.right_shift(words[..., None], shifts) & ((1 << b) - 1)
-    B, H, N, W = words.shape
-    return codes.reshape(B, H, N, W * (32 // b))[..., :D]
-
-
 def shared_table(codec: ScalarCodec) -> Optional[mx.array]:
     """The codec's ``chunk_table`` when all heads and coordinates share one codebook of
     b = 1, 2, 4 or 8 bits (turboquant), else None (general unpack and per-coordinate gather)."""
@@ -348,7 +336,7 @@ def code_levels(words: mx.array, codec: ScalarCodec) -> mx.array:
     table = shared_table(codec)
     if table is not None:
         return table_levels(words, table, codec.levels.shape[1])
-    return mx.take(codec.flat_levels, codec.flat_base + unpack_codes(words, codec)).astype(mx.float32)
+    return mx.take(codec.flat_levels, codec.flat_base + unpack(words, codec.layout)).astype(mx.float32)
 
 
 def query_basis(codec: ScalarCodec, q: mx.array) -> tuple[mx.array, Optional[mx.array]]:
