@@ -36,7 +36,6 @@ from velox import kernels  # noqa: E402
 from velox.cpu import reexec_with_openblas  # noqa: E402
 from velox.methods import get_method, ratequant  # noqa: E402
 from velox.methods.base import LayerSpec  # noqa: E402
-from velox.methods.scalar import ScalarCodec  # noqa: E402
 from velox.runtime.cache import VeloxKVCache  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -108,14 +107,6 @@ def bench_context(S: int, dtype: mx.Dtype, method: str, key_bits: int, value_bit
         (f"velox {label}, fast path ({kernels.backend()})",
          lambda: kernels.attend(q, cache.compressed(), scale=scale, mask=None), velox_bytes),
     ]
-    # the fused kernel alone: how close to the byte floor it gets
-    scalar_codecs = type(cache.key_codec) is ScalarCodec and type(cache.value_codec) is ScalarCodec
-    if kernels.backend() == "cuda" and scalar_codecs:
-        from velox.kernels import cuda
-
-        q_rot = (q.astype(mx.float32).reshape(1, HKV, HQ // HKV, D) * scale) @ cache.key_codec.rotation
-        cases.append((f"velox {label}, partial+combine kernels alone",
-                      lambda: cuda.coded_partial(q_rot, None, coded), velox_bytes))
     return [{"method": name, "seconds": median_seconds(fn, iters, reps), "bytes": b} for name, fn, b in cases]
 
 

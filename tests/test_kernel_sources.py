@@ -11,8 +11,8 @@ import pytest
 from velox.kernels import source
 
 CUDA_ONLY = ["__shfl", "__syncthreads", "__shared__", "__device__", "__expf", "__int_as_float", "__half",
-             "__nv_bfloat16", "__popc", "threadIdx", "blockIdx", "blockDim", "gridDim", "fmaxf"]
-METAL_ONLY = ["threadgroup", "simd_", "mem_flags", "metal::", "thread_position", "popcount", "INFINITY"]
+             "__nv_bfloat16", "__popc", "__threadfence", "atomicAdd", "__ldcg", "threadIdx", "blockIdx", "blockDim", "gridDim", "fmaxf"]
+METAL_ONLY = ["threadgroup", "simd_", "mem_flags", "metal::", "thread_position", "popcount", "INFINITY", "atomic_", "thread_scope"]
 
 
 def words(text: str, tokens: list[str]) -> list[str]:
@@ -49,3 +49,76 @@ def test_metal_thread_attributes_are_named_in_the_source():
         header, src = source.render(name, "metal")
         for attribute in ("thread_position_in_threadgroup", "threadgroup_position_in_grid"):
             assert attribute in src and attribute not in header
+
+
+# ---------------------------------------------------------------- the CUDA source compiles
+
+def _nvrtc():
+    """(libnvrtc, CUDA include dir) from the nvidia-cuda-* wheels (dev extra), or skip."""
+    try:
+        import nvidia.cuda_nvrtc
+        import nvidia.cuda_runtime
+    except ImportError:
+        pytest.skip("needs the nvidia-cuda-nvrtc-cu12 and nvidia-cuda-runtime-cu12 wheels")
+    import ctypes
+    from pathlib import Path
+
+    lib = Path(list(nvidia.cuda_nvrtc.__path__)[0]) / "lib" / "libnvrtc.so.12"
+    return ctypes.CDLL(str(lib)), Path(list(nvidia.cuda_runtime.__path__)[0]) / "include"
+
+
+CUDA_TYPES = {"float32": "float", "float16": "__half", "uint32": "uint32_t"}
+
+
+def mlx_cuda_source(name: str, input_types: list[str], output_types: list[str], template: dict) -> str:
+    """The translation unit MLX's cuda_kernel builds (mlx/backend/cuda/custom_kernel.cpp), with
+    stand-ins for what MLX's device headers provide (Shape, fixed-width ints)."""
+    inputs, outputs, _ = source.KERNELS[name]
+    header, body = source.render(name, "cuda")
+    args = []
+    for n, t in zip(inputs, input_types):
+        args.append(f"const {CUDA_TYPES[t]}* {n}")
+        if f"{n}_shape" in body:
+            args.append(f"const __grid_constant__ Shape {n}_shape")
+    args += [f"{CUDA_TYPES[t]}* {n}" for n, t in zip(outputs, output_types)]
+    consts = "".join(f"  constexpr bool {k} = {str(v).lower()};\n" if isinstance(v, bool) else
+                     f"  constexpr int {k} = {v};\n" if isinstance(v, int) else f"  using {k} = {CUDA_TYPES[v]};\n"
+                     for k, v in template.items())
+    return ("#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
+            "typedef unsigned int uint32_t;\ntypedef unsigned char uint8_t;\n"
+            "struct Shape { int v[8]; __device__ int operator[](int i) const { return v[i]; } };\n"
+            + header + "namespace mlx { namespace core { namespace cu {\n__global__ void kernel(\n"
+            + ",\n".join(args) + ") {\n" + consts + body + "\n}\n}}}\n")
+
+
+def test_cuda_decode_kernel_compiles_with_nvrtc():
+    """The template combinations the dispatcher launches compile for an sm_90 GPU, on any machine:
+    the parity tests need MLX's CUDA backend, this catches a broken body before that."""
+    import ctypes
+    import itertools
+
+    lib, include = _nvrtc()
+    inputs = source.KERNELS["decode"][0]
+    types = {"q": "float16", "kw": "uint32", "vw": "uint32", "kn": "float16", "vn": "float16", "counter": "uint32",
+             "chain": "float16", "sinks": "float16"}
+    input_types = [types.get(n, "float32") for n in inputs]
+    combos = [(r, d, cpt, kb, vb) for r, d, cpt in [(4, 128, 16), (3, 64, 16), (8, 128, 8)]
+              for kb, vb in [(4, 4), (2, 4), (2, 2)] if cpt * min(kb, vb) % 32 == 0]
+    variants = list(itertools.product([True, False], [True, False],
+                                      [(True, True, False), (True, True, True), (False, False, False)]))
+    # each shape/width combination and each variant at least once (every compile takes ~0.5 s)
+    for i in range(max(len(combos), len(variants))):
+        (R, D, CPT, KB, VB), (shared, had, (rotate, finish, sinks)) = combos[i % len(combos)], variants[i % len(variants)]
+        template = dict(R=R, D=D, T=256, CPT=CPT, KB=KB, VB=VB, KSH=shared, VSH=shared, PF=4, ROTATE=rotate,
+                        HAD=had, FINISH=finish, HAS_SINKS=sinks, OT="float16" if finish else "float32")
+        src = mlx_cuda_source("decode", input_types, [template["OT"]] + ["float32"] * 3, template)
+        prog = ctypes.c_void_p()
+        assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"decode.cu", 0, None, None) == 0
+        opts = [b"--gpu-architecture=compute_90", b"--std=c++17", b"-I" + str(include).encode()]
+        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+        assert rc == 0, (template, log.value.decode()[:3000])

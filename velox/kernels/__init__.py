@@ -11,6 +11,7 @@ ScalarCodec (turboquant_mse) keys and values only, every other codec runs the re
 from __future__ import annotations
 
 import importlib
+from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
@@ -32,17 +33,22 @@ def backend() -> str:
     return "cuda" if cuda is not None and cuda.is_available() else "cpu"
 
 
+@lru_cache(maxsize=None)
+def _fused_module(name: str):
+    return importlib.import_module(f".{name}", __name__)  # velox.kernels.cuda / .metal
+
+
 def attend(queries: mx.array, kv: CompressedKV, scale: float, mask: Mask = None,
            sinks: Optional[mx.array] = None) -> mx.array:
     """Attention of queries [B, Hq, L, D] over a compressed cache -> [B, Hq, L, D]
     (semantics of ``mx.fast.scaled_dot_product_attention`` on the decoded cache)."""
     name = backend()
     if name != "cpu" and type(kv.key_codec) is ScalarCodec and type(kv.value_codec) is ScalarCodec:
-        fused = importlib.import_module(f".{name}", __name__)  # velox.kernels.cuda / .metal
+        fused = _fused_module(name)
         if fused.supports(queries, kv, mask):
-            if kv.sink is None and kv.recent is None:  # codes only: the whole step in three launches
+            if kv.sink is None and kv.recent is None:  # codes only: the whole step in one launch
                 return fused.decode(queries, kv, scale, sinks)
-            # fp16 regions: the kernels take the coded tokens, the reference merges the rest
+            # fp16 regions: the kernel takes the coded tokens, the reference merges the rest
             return reference_attend(queries, kv, scale=scale, mask=mask, sinks=sinks,
                                     coded_partial=fused.coded_partial)
     return reference_attend(queries, kv, scale=scale, mask=mask, sinks=sinks)

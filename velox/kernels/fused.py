@@ -1,17 +1,18 @@
-"""Launching the fused decode kernels of ``source``: the same grids and tables on every backend.
+"""Launching the fused decode kernel of ``source``: the same grid and tables on every backend.
 
-``FusedDecode(backend, ...)`` compiles ``source.render(name, backend)`` with MLX's custom-kernel
-wrapper for that backend (``mx.fast.cuda_kernel`` or ``mx.fast.metal_kernel``, which take the
-same arguments) and launches it. ``decode`` runs prep, partial and finish (caches without fp16
-regions); ``coded_partial`` runs partial and ``combine`` for ``reference.attend``, which then
-merges the fp16 sink/window regions in mx. Only decode (one query token, no mask) with 4-bit
-keys and values, head_dim 64 or 128, ≤ 8 query heads per KV head goes here.
+``FusedDecode(backend, ...)`` compiles ``source.render("decode", backend)`` with MLX's
+custom-kernel wrapper for that backend (``mx.fast.cuda_kernel`` or ``mx.fast.metal_kernel``,
+which take the same arguments) and launches it: ``decode`` for caches of coded tokens only
+(query in, attention output out: one launch), ``coded_partial`` for ``reference.attend``,
+which merges the cache's fp16 sink/window tokens itself. Only decode (one query token, no
+mask) with 2- or 4-bit keys and values, head_dim 64 or 128, ≤ 8 query heads per KV head
+(≤ 4 with 2-bit codes) goes here.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -20,10 +21,24 @@ from . import source
 from ..methods.scalar import per_codec, uniform_bits
 from .reference import CompressedKV
 
-THREADS = 128  # partial kernel: 4 warps (SIMD groups); the body's NT
+THREADS = 128  # 4 warps (SIMD groups); the body's NT
+BITS = (2, 4)
 
 
 # ---------------------------------------------------------------- per-codec device tables
+
+
+class CodecTables(NamedTuple):
+    """What the kernel reads of a ScalarCodec, built once per codec (float32, contiguous, on device)."""
+
+    bits: int              # uniform bit width (0: mixed or not dividing 32)
+    shared: bool           # every head and coordinate has the same levels (one lane-replicated table)
+    levels: mx.array       # [H, D, 2^bits]
+    scale: mx.array        # [H, D]
+    mean: mx.array         # [H, D], zeros for codecs without one
+    rotation: mx.array     # [H, D, D]
+    rotation_t: mx.array   # [H, D, D]
+    signs: Optional[mx.array]  # [H, D] when rotation = diag(signs)·H/√D (Sylvester H) for every head
 
 
 def _dense(x: mx.array) -> mx.array:
@@ -32,27 +47,35 @@ def _dense(x: mx.array) -> mx.array:
     return x
 
 
-def _levels(codec) -> mx.array:
-    """levels [H, D, 16] float32, contiguous (turboquant's are a broadcast view)."""
-    return _dense(codec.levels)
+def _hadamard_signs(rotation: np.ndarray) -> Optional[np.ndarray]:
+    """signs [H, D] when every head's rotation [D, D] is diag(signs)·H/√D with H the Sylvester
+    Hadamard matrix (turboquant's randomized Hadamard): the kernel then rotates with a
+    Walsh-Hadamard transform instead of reading the matrix."""
+    D = rotation.shape[-1]
+    if D & (D - 1):
+        return None
+    i = np.arange(D)
+    popcount = np.vectorize(lambda x: bin(x).count("1"))(i[:, None] & i[None, :])
+    hadamard = np.where(popcount % 2, -1.0, 1.0) / np.sqrt(D)
+    signs = np.sign(rotation[:, :, 0])  # H[:, 0] = 1
+    if np.any(signs == 0) or not np.allclose(rotation, signs[:, :, None] * hadamard, atol=1e-5):
+        return None
+    return signs.astype(np.float32)
 
 
-def _shared_levels(codec) -> bool:
-    """Whether every head and coordinate has the same 16 levels (one lane-replicated table)."""
+def _build_tables(codec) -> CodecTables:
     lv = np.array(codec.levels.astype(mx.float32))
-    return bool(np.all(lv == lv[:1, :1]))
+    signs = _hadamard_signs(np.array(codec.rotation.astype(mx.float32)))
+    return CodecTables(bits=uniform_bits(codec), shared=bool(np.all(lv == lv[:1, :1])),
+                       levels=_dense(codec.levels), scale=_dense(codec.scale),
+                       mean=_dense(mx.zeros(codec.scale.shape) if codec.mean is None else codec.mean),
+                       rotation=_dense(codec.rotation), rotation_t=_dense(codec.rotation_t),
+                       signs=None if signs is None else _dense(mx.array(signs)))
 
 
-def _mean(codec) -> mx.array:
-    """mean [H, D] float32, zeros for codecs without one."""
-    return _dense(mx.zeros(codec.scale.shape) if codec.mean is None else codec.mean)
-
-
-def _tables(codec, name: str):
-    build = {"levels": _levels, "shared": _shared_levels, "mean": _mean,
-             "scale": lambda c: _dense(c.scale), "rotation": lambda c: _dense(c.rotation),
-             "rotation_t": lambda c: _dense(c.rotation_t)}[name]
-    return per_codec(codec, f"kernel_{name}", build)  # the same tables serve every backend
+def tables(codec) -> CodecTables:
+    """The codec's kernel tables, built on first use (the same tables serve every backend)."""
+    return per_codec(codec, "kernel", _build_tables)
 
 
 @lru_cache(maxsize=None)
@@ -63,47 +86,48 @@ def _scalar(value: float) -> mx.array:
     return a
 
 
-@lru_cache(maxsize=None)
-def _shape_of(n: int) -> mx.array:
-    """An array whose only use is its shape[0] = n (a kernel reads the KV-head count from it)."""
-    a = mx.zeros((n,), dtype=mx.uint8)
-    mx.eval(a)
-    return a
+def _coords_per_thread(rep: int) -> int:
+    return 16 if rep <= 4 else 8  # the query rows (rep × coords) stay in registers
 
 
 def supports(queries: mx.array, kv: CompressedKV, mask) -> bool:
-    """Decode (L = 1, no mask) with 4-bit K and V codes, head_dim 64 or 128, ≤ 8 query heads per KV head."""
+    """Decode (L = 1, no mask) with 2- or 4-bit K and V codes, head_dim 64 or 128, ≤ 8 query
+    heads per KV head (≤ 4 with 2-bit codes: a thread's 8 coordinates must fill whole words)."""
     B, Hq, L, D = queries.shape
     n_kv = kv.key_codec.levels.shape[0]
-    return (L == 1 and mask is None and kv.n_coded > 0 and D in (64, 128) and Hq % n_kv == 0
-            and Hq // n_kv <= 8 and uniform_bits(kv.key_codec) == 4 and uniform_bits(kv.value_codec) == 4)
+    if not (L == 1 and mask is None and kv.n_coded > 0 and D in (64, 128) and Hq % n_kv == 0 and Hq // n_kv <= 8):
+        return False
+    cpt = _coords_per_thread(Hq // n_kv)
+    return all(b in BITS and cpt * b % 32 == 0 for b in (tables(kv.key_codec).bits, tables(kv.value_codec).bits))
 
 
 # ---------------------------------------------------------------- launches
 
 
 class FusedDecode:
-    """The decode kernels compiled for ``backend``.
+    """The decode kernel compiled for ``backend``.
 
-    ps_budget: scores held in shared memory per partial block (R·T floats), bounded by the
-    backend's shared memory per block; target_blocks: about how many partial blocks fill the GPU.
+    ps_budget: scores held in shared memory per block (R·T floats), bounded by the backend's
+    shared memory per block; target_blocks: about how many blocks fill the GPU.
     """
 
     def __init__(self, backend: str, ps_budget: int, target_blocks: int):
         self.backend = backend
         self.ps_budget = ps_budget
         self.target_blocks = target_blocks
-        self._kernels: dict[str, object] = {}
+        self._kernel = None
+        self._counter = mx.zeros((0,), mx.uint32)  # per (batch, KV head); zero between launches
+        self._chain = _scalar(0.0)  # the last launch's output: orders launches sharing the counter
 
-    def kernel(self, name: str):
-        """The compiled-on-first-use kernel ``name`` (prep, partial, combine, finish)."""
-        if name not in self._kernels:
-            inputs, outputs, _ = source.KERNELS[name]
-            header, body = source.render(name, self.backend)
+    def kernel(self):
+        """The kernel, compiled on first use."""
+        if self._kernel is None:
+            inputs, outputs, _ = source.KERNELS["decode"]
+            header, body = source.render("decode", self.backend)
             build = getattr(mx.fast, f"{self.backend}_kernel")  # cuda_kernel / metal_kernel
-            self._kernels[name] = build(name=f"velox_decode_{name}", input_names=inputs,
-                                        output_names=outputs, source=body, header=header)
-        return self._kernels[name]
+            self._kernel = build(name="velox_decode", input_names=inputs, output_names=outputs,
+                                 source=body, header=header)
+        return self._kernel
 
     def tokens_per_block(self, n: int, groups: int, rep: int) -> int:
         """T: a power of two in [64, ps_budget / R] giving about target_blocks blocks (fewer,
@@ -113,54 +137,55 @@ class FusedDecode:
             T *= 2
         return T
 
-    def _partial(self, q_rot: mx.array, q_mean: mx.array, kv: CompressedKV):
-        """Per-split partials: q_rot [B, Hkv, R, D], q_mean [B, Hkv, R] float32 ->
-        m, l [B, Hkv, n_split, R], acc [B, Hkv, n_split, R, D]."""
-        B, n_kv, R, D = q_rot.shape
+    def _launch(self, q: mx.array, q_mean: mx.array, kv: CompressedKV, R: int, scale: Optional[float],
+                finish: bool, sinks: Optional[mx.array], out_dtype: mx.Dtype) -> list[mx.array]:
+        """One launch over the coded tokens; q holds the B·Hkv·R query rows [.., D].
+        scale: the softmax scale, q raw (the kernel moves it into the key basis), or None: q
+        is in the key basis and q_mean [B, Hkv, R] holds q·mean. finish -> [out [B, Hkv·R, 1, D]
+        in out_dtype, -], else [acc [B, Hkv, R, D], ml [B, Hkv, 2, R]] (merged value sum, max
+        and Σ exp)."""
         (kw, kn), (vw, vn) = kv.keys, kv.values
+        kt, vt = tables(kv.key_codec), tables(kv.value_codec)
+        B, n_kv, _ = kn.shape
+        D = q.shape[-1]
         n = kv.n_coded
         T = self.tokens_per_block(n, B * n_kv, R)
+        cpt = _coords_per_thread(R)
         n_split = -(-n // T)
-        shared = _tables(kv.key_codec, "shared") and _tables(kv.value_codec, "shared")
-        # The kernel reads n from this input's length: a contiguous prefix view, no copy, no launch.
-        count = kn.reshape(-1)[:n]
-        return self.kernel("partial")(
-            inputs=[q_rot, q_mean, kw, kn, vw, vn, _tables(kv.key_codec, "levels"),
-                    _tables(kv.value_codec, "levels"), count],
-            template=[("R", R), ("W", D // 8), ("T", T), ("WPT", 2 if R <= 4 else 1), ("SHARED", shared)],
+        if self._counter.size < B * n_kv:
+            self._counter = mx.zeros((max(1024, B * n_kv),), mx.uint32)
+            mx.eval(self._counter)
+        dummy = _scalar(0.0)
+        had = kt.signs is not None and vt.signs is not None
+        rotation = [kt.signs if had else kt.rotation, kt.scale, kt.mean, _scalar(scale)] if scale else [dummy] * 4
+        finish_tables = [vt.scale, vt.mean, vt.signs if had else vt.rotation_t] if finish else [dummy] * 3
+        out, ml = self.kernel()(
+            # n reaches the kernel as an input's length: a contiguous prefix view, no host->device copy
+            inputs=[q, q_mean, *rotation, kw, kn, vw, vn, kt.levels, vt.levels, kn[0, 0, :n],
+                    dummy if sinks is None else sinks, *finish_tables, self._counter, self._chain],
+            template=[("R", R), ("D", D), ("T", T), ("CPT", cpt), ("KB", kt.bits), ("VB", vt.bits),
+                      ("KSH", kt.shared), ("VSH", vt.shared), ("PF", min(4, T * D // (cpt * THREADS))),
+                      ("ROTATE", scale is not None), ("HAD", had), ("FINISH", finish),
+                      ("HAS_SINKS", sinks is not None), ("OT", out_dtype)],
             grid=(n_split * THREADS, n_kv, B), threadgroup=(THREADS, 1, 1),
-            output_shapes=[(B, n_kv, n_split, R), (B, n_kv, n_split, R), (B, n_kv, n_split, R, D)],
-            output_dtypes=[mx.float32] * 3)
+            output_shapes=[(B, n_kv * R, 1, D) if finish else (B, n_kv, R, D), (1,) if finish else (B, n_kv, 2, R),
+                           (B, n_kv, n_split, 2, R), (B, n_kv, n_split, R, D)],
+            output_dtypes=[out_dtype, mx.float32, mx.float32, mx.float32])[:2]
+        self._chain = out
+        return [out, ml]
 
     def coded_partial(self, q_rot: mx.array, q_mean: Optional[mx.array], kv: CompressedKV):
-        """The coded tokens' partial for ``reference.attend``: q_rot [B, Hkv, R, D] (one query
-        token), q_mean [B, Hkv, R, 1] or None -> (m, l [B, Hkv, R, 1], acc [B, Hkv, R, D])."""
+        """The coded tokens' merged partial for ``reference.attend``: q_rot [B, Hkv, R, D] (one
+        query token, in the key basis), q_mean [B, Hkv, R, 1] or None -> (m, l [B, Hkv, R, 1],
+        acc [B, Hkv, R, D]), in one launch."""
         B, n_kv, R, D = q_rot.shape
         qm = mx.zeros((B, n_kv, R), mx.float32) if q_mean is None else q_mean.reshape(B, n_kv, R)
-        m, l, acc = self._partial(q_rot.astype(mx.float32), qm, kv)
-        return self.kernel("combine")(
-            inputs=[m, l, acc], grid=(B * n_kv * R * D, 1, 1), threadgroup=(D, 1, 1),
-            output_shapes=[(B, n_kv, R, 1), (B, n_kv, R, 1), (B, n_kv, R, D)], output_dtypes=[mx.float32] * 3)
+        acc, ml = self._launch(q_rot.astype(mx.float32), qm.astype(mx.float32), kv, R, None, False, None, mx.float32)
+        return ml[:, :, 0, :, None], ml[:, :, 1, :, None], acc
 
     def decode(self, queries: mx.array, kv: CompressedKV, scale: float,
                sinks: Optional[mx.array] = None) -> mx.array:
         """Attention of one query token over a cache of coded tokens only (no fp16 regions):
-        queries [B, Hq, 1, D] -> [B, Hq, 1, D] in the queries' dtype, in three launches."""
-        B, Hq, _, D = queries.shape
-        kc, vc = kv.key_codec, kv.value_codec
-        n_kv = kc.levels.shape[0]
-        R = Hq // n_kv
-        n_kv_arr = _shape_of(n_kv)
-        q_rot, q_mean = self.kernel("prep")(
-            inputs=[queries, _tables(kc, "rotation"), _tables(kc, "scale"), _tables(kc, "mean"),
-                    _scalar(scale), n_kv_arr],
-            template=[("R", R), ("D", D)], grid=(B * n_kv * R * D, 1, 1), threadgroup=(R * D, 1, 1),
-            output_shapes=[(B, n_kv, R, D), (B, n_kv, R)], output_dtypes=[mx.float32] * 2)
-        m, l, acc = self._partial(q_rot, q_mean, kv)
-        has_sinks = sinks is not None
-        return self.kernel("finish")(
-            inputs=[m, l, acc, sinks if has_sinks else _scalar(0.0), _tables(vc, "scale"), _tables(vc, "mean"),
-                    _tables(vc, "rotation_t"), n_kv_arr],
-            template=[("R", R), ("D", D), ("HAS_SINKS", has_sinks), ("OT", queries.dtype)],
-            grid=(B * n_kv * R * D, 1, 1), threadgroup=(R * D, 1, 1),
-            output_shapes=[queries.shape], output_dtypes=[queries.dtype])[0]
+        queries [B, Hq, 1, D] -> [B, Hq, 1, D] in the queries' dtype, in one launch."""
+        R = queries.shape[1] // kv.key_codec.levels.shape[0]
+        return self._launch(queries, _scalar(0.0), kv, R, scale, True, sinks, queries.dtype)[0]

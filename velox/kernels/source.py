@@ -1,30 +1,36 @@
-"""Kernel sources, written once for CUDA and Metal: a prelude per backend around shared bodies.
+"""Kernel sources, written once for CUDA and Metal: a prelude per backend around a shared body.
 
-Fused decode attention over 4-bit ScalarCodec codes, in three launches (each extra mx op
-costs a launch per layer and step, which at decode is worth as much as the kernel itself):
+Fused decode attention over ScalarCodec codes (2 or 4 bits for keys and values), one launch
+per step: every extra launch costs as much as the kernel itself at decode.
+One block per (batch, KV head, split of T coded tokens) reads the split's codes once for
+every query head of the group (GQA) and:
 
-1. ``prep``: one block per (batch, KV head) rotates the group's R query heads into the key
-   codec's basis once: q' = scale · (q @ R_k) · s_k, and q·mean_k.
-2. ``partial``: one block per (batch, KV head, split of T coded tokens), every query head of
-   the group (GQA: codes are read once for R heads), three passes over shared memory:
-   scores (each thread unpacks WPT uint32 words = 8·WPT codes of a token, looks the levels
-   up and reduces across the token's lanes by shuffles; × fp16 norm + q·mean), the block's
-   softmax statistics (one warp per query head), then Σ p·norm·levels[code] per coordinate
-   in registers, reduced across token lanes. Writes a flash-decoding partial
-   (max, Σ exp, value sum in the value codec's standardised basis).
-3. ``finish``: one block per (batch, KV head) merges the splits (and the attention-sink
-   logits), scales by s_v, un-rotates once (@ R_vᵀ), adds the value mean, divides by the
-   softmax denominator and writes the output in the queries' dtype.
-
-``combine`` is 3's merge alone (no sinks, no output), for ``reference.attend`` when the cache
-also holds fp16 sink/window tokens.
+0. puts the group's R query rows into the key codec's basis, q' = scale · (q @ R_k) · s_k,
+   and q·mean_k (``ROTATE``; ``reference.attend`` passes them already rotated). ``HAD``:
+   R = diag(signs)·H/√D (turboquant's randomized Hadamard) is a Walsh-Hadamard transform
+   in shared memory; reading a dense D×D matrix in every block cost ~16 µs per block;
+1. scores: each thread unpacks its CPT coordinates of a token, looks the levels up,
+   reduces across the token's lanes by shuffles; × fp16 norm + q·mean. Words and norms
+   go in batches of PF tokens, the next batch loaded while this one is scored;
+2. the split's softmax statistics (one warp per query head);
+3. Σ p·norm·levels[code] per coordinate in registers, reduced across token lanes, written
+   as a flash-decoding partial (max, Σ exp, value sum in the value codec's basis);
+4. the last block of a (batch, KV head) to finish (an atomic counter) merges the splits.
+   The counter is a persistent zeroed array that the last block zeroes again (an output
+   would need MLX's init_value, which fills every output: measured ~40 µs for five, more
+   than the kernel); launches sharing it are chained (``chain``: the previous launch's
+   output, an unused input) so that MLX's graph, which runs independent nodes
+   concurrently, never runs two at once.
+   ``FINISH``: with the attention-sink logits, × s_v, un-rotated once (@ R_vᵀ), + the value
+   mean, ÷ the softmax sum, in the queries' dtype. Otherwise it writes the merged max, sum
+   and value sum for ``reference.attend`` to merge with the cache's fp16 sink/window tokens.
 
 Level lookups: when every coordinate of every head shares one codebook (turboquant), each
-lane reads its own copy of the 16 levels (table[code·32 + lane]): shared-memory gathers with
+lane reads its own copy of the levels (table[code·32 + lane]): shared-memory gathers with
 random codes would otherwise collide on banks. Per-coordinate codebooks use a padded
-[word][8·16] table.
+[group of 8 coordinates][8 · levels] table.
 
-The bodies use only the ``VX_*`` macros and ``vx_*`` helpers below for what the backends
+The body uses only the ``VX_*`` macros and ``vx_*`` helpers below for what the backends
 spell differently; ``render`` puts a backend's prelude in front. The index macros go into
 the kernel source, not the header: MLX's Metal wrapper adds a ``[[thread_position_in_...]]``
 argument to the kernel's signature only when the source names it. Both wrappers take the
@@ -37,7 +43,7 @@ from typing import NamedTuple
 
 
 class Prelude(NamedTuple):
-    header: str  # address spaces, barriers, shuffles, math, conversions
+    header: str  # address spaces, barriers, shuffles, atomics, math, conversions
     index: str  # thread/block indices: prepended to the kernel source
 
 
@@ -52,6 +58,14 @@ CUDA = Prelude(header=r"""
 #define VX_NEG_INF __int_as_float(0xff800000)
 #define VX_EXP __expf
 #define VX_MAX fmaxf
+// Cross-block hand-off: fence the partials, count the finished blocks in a persistent
+// counter (an input: written through a cast), read the others' partials past L1 (not
+// coherent across SMs).
+#define VX_DEVICE_FENCE() __threadfence()
+#define VX_ATOMIC_INC(p) atomicAdd((unsigned int*)(p), 1u)
+#define VX_ATOMIC_RESET(p) atomicExch((unsigned int*)(p), 0u)
+#define VX_LOAD_CG(p) __ldcg(p)
+#define VX_LOAD_CG4(p) __ldcg(reinterpret_cast<const float4*>(p))
 // Explicit conversions: the implicit __half/__nv_bfloat16 ones may be compiled out.
 __device__ inline float vx_to_float(float x) { return x; }
 __device__ inline float vx_to_float(__half x) { return __half2float(x); }
@@ -62,7 +76,6 @@ template <> __device__ inline __half vx_from_float<__half>(float x) { return __f
 template <> __device__ inline __nv_bfloat16 vx_from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 """, index=r"""
 #define VX_THREAD_IDX ((int)threadIdx.x)
-#define VX_BLOCK_DIM ((int)blockDim.x)
 #define VX_BLOCK_IDX(c) ((int)blockIdx.c)
 #define VX_GRID_DIM(c) ((int)gridDim.c)
 """)
@@ -78,11 +91,16 @@ METAL = Prelude(header=r"""
 #define VX_NEG_INF (-INFINITY)
 #define VX_EXP metal::exp               // not fast::exp: exp(-inf) must stay 0
 #define VX_MAX metal::fmax
+// Cross-block hand-off (device-scope fences: Metal 3.2, macOS 15).
+#define VX_DEVICE_FENCE() atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device)
+#define VX_ATOMIC_INC(p) atomic_fetch_add_explicit((device atomic_uint*)(p), 1u, memory_order_relaxed)
+#define VX_ATOMIC_RESET(p) atomic_store_explicit((device atomic_uint*)(p), 0u, memory_order_relaxed)
+#define VX_LOAD_CG(p) (*(p))
+#define VX_LOAD_CG4(p) (*reinterpret_cast<const device float4*>(p))
 template <typename T> inline float vx_to_float(T x) { return static_cast<float>(x); }
 template <typename T> inline T vx_from_float(float x) { return static_cast<T>(x); }
 """, index=r"""
 #define VX_THREAD_IDX ((int)thread_position_in_threadgroup.x)
-#define VX_BLOCK_DIM ((int)threads_per_threadgroup.x)
 #define VX_BLOCK_IDX(c) ((int)threadgroup_position_in_grid.c)
 #define VX_GRID_DIM(c) ((int)threadgroups_per_grid.c)
 """)
@@ -90,155 +108,197 @@ template <typename T> inline T vx_from_float(float x) { return static_cast<T>(x)
 PRELUDES = {"cuda": CUDA, "metal": METAL}
 
 HELPERS = r"""
-struct VxMerged {
-    float top;  // max logit over the splits
-    float l;    // Σ exp(logit - top)
-    float acc;  // Σ exp(logit - top) · value, one coordinate
-};
+// this thread's NW (1 or 2) words of a token into registers out[NW], one 8-byte load when NW = 2.
+// A macro: a function would need the registers' address space spelled per backend.
+#define VX_LOAD_WORDS(base, out, NW) do {                                                  \
+        if ((NW) == 2) {                                                                   \
+            const uint2 v_ = *reinterpret_cast<const VX_GLOBAL uint2*>(base);              \
+            (out)[0] = v_.x;                                                               \
+            (out)[(NW) - 1] = v_.y;                                                        \
+        } else {                                                                           \
+            (out)[0] = (base)[0];                                                          \
+        }                                                                                  \
+    } while (0)
 
-// Merge one (batch·KV head, query head r) row's split partials, flash-decoding style.
-// m_in/l_in [n_split, R] and acc_in [n_split, R, D] start at this (batch, KV head).
-// Pointer types are template parameters: Metal binds inputs of fewer than 8 elements in the
-// constant address space and larger ones in device, so m_in and acc_in may differ.
-template <typename PM, typename PL, typename PA>
-VX_FUNC VxMerged vx_merge_splits(PM m_in, PL l_in, PA acc_in, int n_split, int R, int D, int r, int d) {
-    VxMerged out;
-    out.top = m_in[r];
-    for (int s = 1; s < n_split; s++) out.top = VX_MAX(out.top, m_in[s * R + r]);
-    out.l = 0.f;
-    out.acc = 0.f;
-    for (int s = 0; s < n_split; s++) {
-        const float w = VX_EXP(m_in[s * R + r] - out.top);
-        out.l += l_in[s * R + r] * w;
-        out.acc += acc_in[(s * R + r) * D + d] * w;
-    }
-    return out;
-}
+// In-place unnormalised Walsh-Hadamard transform (Sylvester order) of the NR rows of the
+// shared array buf [NR, D]; every thread of the block must reach it (barriers inside).
+#define VX_FWHT(buf, NR) do {                                                               \
+        for (int hh_ = 1; hh_ < D; hh_ <<= 1) {                                            \
+            for (int i_ = tid; i_ < (NR) * D / 2; i_ += NT) {                              \
+                const int j_ = i_ % (D / 2);                                               \
+                const int a_ = (i_ / (D / 2)) * D + (j_ / hh_) * 2 * hh_ + j_ % hh_;       \
+                const float x_ = (buf)[a_], y_ = (buf)[a_ + hh_];                           \
+                (buf)[a_] = x_ + y_;                                                       \
+                (buf)[a_ + hh_] = x_ - y_;                                                 \
+            }                                                                              \
+            VX_BARRIER();                                                                  \
+        }                                                                                  \
+    } while (0)
 """
 
-PREP = r"""
-    // One block per (b, h), R·D threads: thread (r, d) -> q'[r, d]; threads d = 0 also q·mean.
-    VX_SHARED float qs[R * D];
-    const int tid = VX_THREAD_IDX;
-    const int bh = VX_BLOCK_IDX(x);
-    const int h = bh % n_kv_arr_shape[0];
-    const int r = tid / D, d = tid % D;
-    qs[tid] = vx_to_float(queries[(size_t)bh * R * D + tid]);
-    VX_BARRIER();
-    const VX_GLOBAL float* rot_h = rot + (size_t)h * D * D;
-    float s = 0.f;
-    for (int k = 0; k < D; k++) s += qs[r * D + k] * rot_h[k * D + d];  // coalesced over d
-    const float sm = softmax_scale[0];
-    q_rot[(size_t)bh * R * D + tid] = s * sm * k_scale[h * D + d];
-    if (d == 0) {
-        float qm = 0.f;
-        for (int k = 0; k < D; k++) qm += qs[r * D + k] * k_mean[h * D + k];
-        q_mean[bh * R + r] = qm * sm;
-    }
-"""
-
-PARTIAL = r"""
-    // Template: R query heads per KV head, W words per vector (D = 8·W), T tokens per block,
-    // WPT words per thread, SHARED: one codebook for all coordinates and heads.
-    constexpr int D = W * 8;
+DECODE = r"""
+    // Template: R query heads per KV head, D = head_dim, T tokens per block, CPT coordinates
+    // per thread, KB/VB key/value bits, KSH/VSH one codebook for every coordinate and head,
+    // PF tokens loaded ahead per thread, ROTATE, FINISH, HAS_SINKS, OT (see the module doc).
     constexpr int NT = 128;
-    constexpr int LPT = W / WPT;        // lanes per token
-    constexpr int TL = NT / LPT;        // token lanes
     constexpr int NWARPS = NT / 32;
-    constexpr int C = 8 * WPT;          // coordinates per thread
-    constexpr int WS = 8 * 16 + 1;      // per-coordinate table: one pad word per code word
-    constexpr int TAB = SHARED ? 16 * 32 : W * WS;
-    constexpr int RED = NWARPS * R * D; // pass 3's cross-warp reduction: reuses the whole buffer
-    constexpr int PS = R * T > RED - 2 * TAB ? R * T : RED - 2 * TAB;
-    // [key table | value table | scores, then probabilities]; one array so that pass 3's
-    // reduction can reuse the tables too (Metal allows 32 KiB of shared memory per block).
-    VX_SHARED float smem[2 * TAB + PS];
+    constexpr int LPT = D / CPT;                // lanes per token
+    constexpr int TL = NT / LPT;                // token lanes
+    constexpr int KWT = CPT * KB / 32, VWT = CPT * VB / 32;  // words per thread and token
+    constexpr int WK = D * KB / 32, WV = D * VB / 32;        // words per token
+    constexpr int KNL = 1 << KB, VNL = 1 << VB;              // levels per codebook
+    constexpr int KTAB = KSH ? KNL * 32 : (D / 8) * (8 * KNL + 1);
+    constexpr int VTAB = VSH ? VNL * 32 : (D / 8) * (8 * VNL + 1);
+    constexpr int RED = NWARPS * R * D;         // pass 3's cross-warp reduction
+    constexpr float INV_SQRT_D = D == 128 ? 0.08838834764831845f : 0.125f;
+    constexpr int PS0 = R * T > 2 * R * D + R ? R * T : 2 * R * D + R;
+    constexpr int PS = PS0 > RED - KTAB - VTAB ? PS0 : RED - KTAB - VTAB;
+    // [key table | value table | query rows, then scores, then probabilities]: one array so
+    // that the reduction and the merge can reuse all of it (Metal: 32 KiB per block).
+    VX_SHARED float smem[KTAB + VTAB + PS];
+    VX_SHARED int last_block;
     VX_SHARED_PTR float* kt = smem;
-    VX_SHARED_PTR float* vt = smem + TAB;
-    VX_SHARED_PTR float* ps = smem + 2 * TAB;
+    VX_SHARED_PTR float* vt = smem + KTAB;
+    VX_SHARED_PTR float* ps = smem + KTAB + VTAB;
 
     const float NEG_INF = VX_NEG_INF;
     const int tid = VX_THREAD_IDX, lane = tid % 32, warp = tid / 32;
     const int split = VX_BLOCK_IDX(x), n_split = VX_GRID_DIM(x);
     const int h = VX_BLOCK_IDX(y), n_kv = VX_GRID_DIM(y);
     const int b = VX_BLOCK_IDX(z);
-    const int N = kn_shape[2];          // allocated tokens: the buffers' stride
-    const int n = count_shape[0];       // coded tokens (an input's length: no host->device copy)
+    const int N = kn_shape[2];                  // allocated tokens: the buffers' stride
+    const int n = count_shape[0];               // coded tokens (an input's length: no host->device copy)
     const int t0 = split * T;
     const size_t bh = (size_t)b * n_kv + h;
 
-    if (SHARED) {
-        for (int i = tid; i < 16 * 32; i += NT) {
-            kt[i] = k_levels[i / 32];   // head 0, coordinate 0: all the same
-            vt[i] = v_levels[i / 32];
+    for (int i = tid; i < (KSH ? KNL * 32 : D * KNL); i += NT) {
+        if (KSH) kt[i] = k_levels[i / 32];      // head 0, coordinate 0: all the same
+        else kt[(i / KNL / 8) * (8 * KNL + 1) + (i / KNL % 8) * KNL + i % KNL] = k_levels[(size_t)h * D * KNL + i];
+    }
+    for (int i = tid; i < (VSH ? VNL * 32 : D * VNL); i += NT) {
+        if (VSH) vt[i] = v_levels[i / 32];
+        else vt[(i / VNL / 8) * (8 * VNL + 1) + (i / VNL % 8) * VNL + i % VNL] = v_levels[(size_t)h * D * VNL + i];
+    }
+
+    // 0. the group's query rows in the key basis: qb [R, D] and q·mean [R], in ps for now
+    VX_SHARED_PTR float* qb = ps;
+    VX_SHARED_PTR float* qmb = ps + R * D;
+    if (ROTATE) {
+        // HAD: R_k = diag(signs)·H/√D (turboquant's randomized Hadamard), rot holds the signs
+        // [H, D] and q @ R_k is a Walsh-Hadamard transform in shared memory: no D×D matrix
+        // read by every block.
+        VX_SHARED_PTR float* qs = ps + R * D + R;
+        const float sm = softmax_scale[0];
+        for (int i = tid; i < R * D; i += NT)
+            qs[i] = vx_to_float(q[bh * R * D + i]) * (HAD ? rot[h * D + i % D] : 1.f);
+        VX_BARRIER();
+        for (int r = warp; r < R; r += NWARPS) {  // q·mean, from the raw rows (signs undone)
+            float a = 0.f;
+            for (int k = lane; k < D; k += 32) a += qs[r * D + k] * (HAD ? rot[h * D + k] : 1.f) * k_mean[h * D + k];
+            for (int off = 16; off > 0; off >>= 1) a += VX_SHFL_XOR(a, off);
+            if (lane == 0) qmb[r] = a * sm;
+        }
+        if (HAD) {
+            VX_FWHT(qs, R);
+            for (int i = tid; i < R * D; i += NT) qb[i] = qs[i] * (sm * INV_SQRT_D) * k_scale[h * D + i % D];
+        } else {
+            for (int d = tid; d < D; d += NT) { // one column per thread, every row at once
+                float a[R];
+                for (int r = 0; r < R; r++) a[r] = 0.f;
+                #pragma unroll 16
+                for (int k = 0; k < D; k++) {   // unrolled: 16 loads in flight, not one L2 round trip per k
+                    const float m = rot[((size_t)h * D + k) * D + d];
+                    #pragma unroll
+                    for (int r = 0; r < R; r++) a[r] += qs[r * D + k] * m;
+                }
+                for (int r = 0; r < R; r++) qb[r * D + d] = a[r] * sm * k_scale[h * D + d];
+            }
         }
     } else {
-        for (int i = tid; i < D * 16; i += NT) {
-            const int d = i / 16, at = (d / 8) * WS + (d % 8) * 16 + i % 16;
-            kt[at] = k_levels[(size_t)h * D * 16 + i];
-            vt[at] = v_levels[(size_t)h * D * 16 + i];
-        }
+        for (int i = tid; i < R * D; i += NT) qb[i] = vx_to_float(q[bh * R * D + i]);
+        if (tid < R) qmb[tid] = q_mean[bh * R + tid];
     }
-    const int w0 = (tid % LPT) * WPT;   // this thread's first word of a token
+    VX_BARRIER();
+
+    const int lt = tid % LPT;                   // this thread's slice of a token
+    const int cb = lt * CPT;                    // its first coordinate
     const int tl = tid / LPT;
-    // Macros, not lambdas or functions: Metal has no lambdas, and a function would need the
-    // tables' and registers' address spaces spelled per backend.
-    // level of code c at this thread's coordinate j (0 <= j < C)
-    #define VX_LEVEL(tab, j, c) (SHARED ? (tab)[((c) << 5) | lane] : (tab)[(w0 + (j) / 8) * WS + ((j) % 8) * 16 + (c)])
-    // this thread's WPT words of a token, one 8-byte load when WPT = 2
-    #define VX_LOAD_WORDS(base, out) do {                                                  \
-        if (WPT == 2) {                                                                    \
-            const uint2 v_ = *reinterpret_cast<const VX_GLOBAL uint2*>(base);              \
-            (out)[0] = v_.x;                                                               \
-            (out)[WPT - 1] = v_.y;                                                         \
-        } else {                                                                           \
-            (out)[0] = (base)[0];                                                          \
+    // Macros, not functions: Metal has no lambdas, and a function would need the tables' and
+    // registers' address spaces spelled per backend.
+    // PF tokens' words (NW per thread, WTOK per token) and norms, from batch i0 on: zeros past n
+    #define VX_LOAD_BATCH(words, norms, wbuf, nbuf, NW, WTOK, i0) do {                        \
+        _Pragma("unroll")                                                                  \
+        for (int p_ = 0; p_ < PF; p_++) {                                                  \
+            const int t_ = t0 + tl + ((i0) + p_) * TL;                                     \
+            if (t_ < n) {                                                                  \
+                VX_LOAD_WORDS((words) + (bh * N + t_) * (WTOK) + lt * (NW), (wbuf)[p_], NW); \
+                (nbuf)[p_] = vx_to_float((norms)[bh * N + t_]);                            \
+            } else {                                                                       \
+                for (int w_ = 0; w_ < (NW); w_++) (wbuf)[p_][w_] = 0u;                     \
+                (nbuf)[p_] = 0.f;                                                          \
+            }                                                                              \
         }                                                                                  \
     } while (0)
-    VX_BARRIER();
+    // wd, nm := the loaded batch (nwd, nnm); then start loading the batch after it
+    #define VX_NEXT_BATCH(words, norms, NW, WTOK) do {                                        \
+        _Pragma("unroll")                                                                  \
+        for (int p_ = 0; p_ < PF; p_++) {                                                  \
+            nm[p_] = nnm[p_];                                                              \
+            for (int w_ = 0; w_ < (NW); w_++) wd[p_][w_] = nwd[p_][w_];                    \
+        }                                                                                  \
+        if (i0 + PF < T / TL) VX_LOAD_BATCH(words, norms, nwd, nnm, NW, WTOK, i0 + PF);    \
+    } while (0)
+    // code j (0 <= j < CPT) of this thread's words wd, and its level in table tab
+    #define VX_CODE(wd, j, BITS) (((wd)[(j) * (BITS) / 32] >> (((j) * (BITS)) % 32)) & ((1u << (BITS)) - 1u))
+    #define VX_LEVEL(tab, SH, NL, j, c) \
+        (SH ? (tab)[((c) << 5) | lane] : (tab)[((cb + (j)) / 8) * (8 * (NL) + 1) + ((cb + (j)) % 8) * (NL) + (c)])
 
     // 1. scores
     {
-        float qr[R][C];
+        float qr[R][CPT];
+        float qm[R];
         #pragma unroll
         for (int r = 0; r < R; r++) {
             #pragma unroll
-            for (int j = 0; j < C; j++) qr[r][j] = q[(bh * R + r) * D + w0 * 8 + j];
+            for (int j = 0; j < CPT; j++) qr[r][j] = qb[r * D + cb + j];
+            qm[r] = qmb[r];
         }
-        float qm[R];
-        #pragma unroll
-        for (int r = 0; r < R; r++) qm[r] = q_mean[bh * R + r];
-        #pragma unroll 2
-        for (int i = 0; i < T / TL; i++) {
-            const int t = t0 + tl + i * TL;
-            float acc[R];
+        VX_BARRIER();                           // ps now holds scores
+        unsigned int nwd[PF][KWT];              // the next batch's words and norms: loads in
+        float nnm[PF];                          // flight while the current batch is scored
+        VX_LOAD_BATCH(kw, kn, nwd, nnm, KWT, WK, 0);
+        #pragma unroll 1
+        for (int i0 = 0; i0 < T / TL; i0 += PF) {
+            unsigned int wd[PF][KWT];
+            float nm[PF];
+            VX_NEXT_BATCH(kw, kn, KWT, WK);
             #pragma unroll
-            for (int r = 0; r < R; r++) acc[r] = 0.f;
-            if (t < n) {
-                unsigned int wd[WPT];
-                VX_LOAD_WORDS(kw + (bh * N + t) * W + w0, wd);
+            for (int p = 0; p < PF; p++) {
+                float acc[R];
                 #pragma unroll
-                for (int j = 0; j < C; j++) {
-                    const float lv = VX_LEVEL(kt, j, (wd[j / 8] >> (4 * (j % 8))) & 15u);
+                for (int r = 0; r < R; r++) acc[r] = 0.f;
+                #pragma unroll
+                for (int j = 0; j < CPT; j++) {
+                    const float lv = VX_LEVEL(kt, KSH, KNL, j, VX_CODE(wd[p], j, KB));
                     #pragma unroll
                     for (int r = 0; r < R; r++) acc[r] += qr[r][j] * lv;
                 }
-            }
-            #pragma unroll
-            for (int off = LPT / 2; off > 0; off >>= 1) {
                 #pragma unroll
-                for (int r = 0; r < R; r++) acc[r] += VX_SHFL_XOR(acc[r], off);
-            }
-            if (tid % LPT == 0) {
-                const float norm = t < n ? vx_to_float(kn[bh * N + t]) : 0.f;
-                #pragma unroll
-                for (int r = 0; r < R; r++) ps[r * T + (t - t0)] = t < n ? acc[r] * norm + qm[r] : NEG_INF;
+                for (int off = LPT / 2; off > 0; off >>= 1) {
+                    #pragma unroll
+                    for (int r = 0; r < R; r++) acc[r] += VX_SHFL_XOR(acc[r], off);
+                }
+                const int ti = tl + (i0 + p) * TL;
+                if (lt == 0) {
+                    #pragma unroll
+                    for (int r = 0; r < R; r++) ps[r * T + ti] = t0 + ti < n ? acc[r] * nm[p] + qm[r] : NEG_INF;
+                }
             }
         }
     }
     VX_BARRIER();
 
-    // 2. softmax statistics of this block, one warp per query head
+    // 2. softmax statistics of this split, one warp per query head
     for (int r = warp; r < R; r += NWARPS) {
         float m = NEG_INF;
         for (int i = lane; i < T; i += 32) m = VX_MAX(m, ps[r * T + i]);
@@ -254,46 +314,52 @@ PARTIAL = r"""
         #pragma unroll
         for (int off = 16; off > 0; off >>= 1) l += VX_SHFL_XOR(l, off);
         if (lane == 0) {
-            m_out[(bh * n_split + split) * R + r] = m;
-            l_out[(bh * n_split + split) * R + r] = l;
+            part_ml[((bh * n_split + split) * 2 + 0) * R + r] = m;
+            part_ml[((bh * n_split + split) * 2 + 1) * R + r] = l;
         }
     }
     VX_BARRIER();
 
     // 3. values: Σ p · norm · levels[code] per coordinate, in registers
-    float acc[R][C];
+    float acc[R][CPT];
     #pragma unroll
     for (int r = 0; r < R; r++) {
         #pragma unroll
-        for (int j = 0; j < C; j++) acc[r][j] = 0.f;
+        for (int j = 0; j < CPT; j++) acc[r][j] = 0.f;
     }
-    #pragma unroll 2
-    for (int i = 0; i < T / TL; i++) {
-        const int t = t0 + tl + i * TL;
-        if (t < n) {
-            unsigned int wd[WPT];
-            VX_LOAD_WORDS(vw + (bh * N + t) * W + w0, wd);
-            const float norm = vx_to_float(vn[bh * N + t]);
-            float p[R];
+    unsigned int nwd[PF][VWT];
+    float nnm[PF];
+    VX_LOAD_BATCH(vw, vn, nwd, nnm, VWT, WV, 0);  // out of range: probability 0 (pass 2), norm 0
+    #pragma unroll 1
+    for (int i0 = 0; i0 < T / TL; i0 += PF) {
+        unsigned int wd[PF][VWT];
+        float nm[PF];
+        VX_NEXT_BATCH(vw, vn, VWT, WV);
+        #pragma unroll
+        for (int p = 0; p < PF; p++) {
+            const int ti = tl + (i0 + p) * TL;
+            float pr[R];
             #pragma unroll
-            for (int r = 0; r < R; r++) p[r] = ps[r * T + (t - t0)] * norm;
+            for (int r = 0; r < R; r++) pr[r] = ps[r * T + ti] * nm[p];
             #pragma unroll
-            for (int j = 0; j < C; j++) {
-                const float lv = VX_LEVEL(vt, j, (wd[j / 8] >> (4 * (j % 8))) & 15u);
+            for (int j = 0; j < CPT; j++) {
+                const float lv = VX_LEVEL(vt, VSH, VNL, j, VX_CODE(wd[p], j, VB));
                 #pragma unroll
-                for (int r = 0; r < R; r++) acc[r][j] += p[r] * lv;
+                for (int r = 0; r < R; r++) acc[r][j] += pr[r] * lv;
             }
         }
     }
+    #undef VX_CODE
     #undef VX_LEVEL
-    #undef VX_LOAD_WORDS
-    // token lanes sharing a word: first inside the warp (lanes LPT apart), then across warps
+    #undef VX_LOAD_BATCH
+    #undef VX_NEXT_BATCH
+    // token lanes sharing coordinates: first inside the warp (lanes LPT apart), then across warps
     #pragma unroll
     for (int off = LPT; off < 32; off <<= 1) {
         #pragma unroll
         for (int r = 0; r < R; r++) {
             #pragma unroll
-            for (int j = 0; j < C; j++) acc[r][j] += VX_SHFL_XOR(acc[r][j], off);
+            for (int j = 0; j < CPT; j++) acc[r][j] += VX_SHFL_XOR(acc[r][j], off);
         }
     }
     VX_BARRIER();  // every thread is done with the tables and probabilities: smem becomes the reduction buffer
@@ -301,7 +367,7 @@ PARTIAL = r"""
         #pragma unroll
         for (int r = 0; r < R; r++) {
             #pragma unroll
-            for (int j = 0; j < C; j++) smem[(warp * R + r) * D + w0 * 8 + j] = acc[r][j];
+            for (int j = 0; j < CPT; j++) smem[(warp * R + r) * D + cb + j] = acc[r][j];
         }
     }
     VX_BARRIER();
@@ -309,63 +375,111 @@ PARTIAL = r"""
         float s = 0.f;
         #pragma unroll
         for (int k = 0; k < NWARPS; k++) s += smem[k * R * D + e];
-        acc_out[(bh * n_split + split) * R * D + e] = s;
+        part_acc[(bh * n_split + split) * R * D + e] = s;
     }
-"""
 
-COMBINE = r"""
-    // One block per (batch, KV head, query head of the group), one thread per coordinate.
-    const int row = VX_BLOCK_IDX(x);      // (b · n_kv + h) · R + r
-    const int d = VX_THREAD_IDX;
-    const int n_split = m_in_shape[2];
-    const int R = m_in_shape[3];
-    const int D = VX_BLOCK_DIM;
-    const size_t bh = row / R;
-    const VxMerged mg = vx_merge_splits(m_in + bh * n_split * R, l_in + bh * n_split * R,
-                                        acc_in + bh * n_split * R * D, n_split, R, D, row % R, d);
-    acc_out[(size_t)row * D + d] = mg.acc;
-    if (d == 0) {
-        m_out[row] = mg.top;
-        l_out[row] = mg.l;
-    }
-"""
-
-FINISH = r"""
-    // One block per (b, h), R·D threads: thread (r, e) -> out[b, h·R + r, 0, e].
-    VX_SHARED float ys[R * D];
-    const int tid = VX_THREAD_IDX;
-    const int bh = VX_BLOCK_IDX(x);
-    const int h = bh % n_kv_arr_shape[0];
-    const int n_split = m_in_shape[2];
-    const int r = tid / D, d = tid % D;
-    const VxMerged mg = vx_merge_splits(m_in + (size_t)bh * n_split * R, l_in + (size_t)bh * n_split * R,
-                                        acc_in + (size_t)bh * n_split * R * D, n_split, R, D, r, d);
-    const float mass = mg.l;            // probability mass on coded tokens (for the mean)
-    float l = mg.l;
-    float a = 1.f;                      // rescale of the coded terms when a sink logit is the max
-    if (HAS_SINKS) {                    // a sink logit is a key with no value
-        const float sink = vx_to_float(sinks[h * R + r]);
-        const float new_top = VX_MAX(mg.top, sink);
-        a = VX_EXP(mg.top - new_top);
-        l = l * a + VX_EXP(sink - new_top);
-    }
-    ys[tid] = mg.acc * a * v_scale[h * D + d];
+    // 4. the last block of this (batch, KV head) merges every split's partial
+    VX_DEVICE_FENCE();                          // this block's partials, visible to the last block
     VX_BARRIER();
-    const VX_GLOBAL float* rt = rot_t + (size_t)h * D * D;
-    float s = 0.f;
-    for (int k = 0; k < D; k++) s += ys[r * D + k] * rt[k * D + d];  // coalesced over d
-    s += mass * a * v_mean[h * D + d];
-    out[(size_t)bh * R * D + tid] = vx_from_float<OT>(s / VX_MAX(l, 1e-30f));
+    if (tid == 0) last_block = VX_ATOMIC_INC(counter + bh) == (unsigned int)(n_split - 1);
+    VX_BARRIER();
+    if (!last_block) return;
+    if (tid == 0) VX_ATOMIC_RESET(counter + bh);  // every block has counted: zero for the next launch
+    VX_DEVICE_FENCE();
+    VX_SHARED_PTR float* top = smem;            // per query head: max over splits,
+    VX_SHARED_PTR float* sum = smem + R;        // Σ exp, rescale for a sink logit, denominator
+    VX_SHARED_PTR float* scale_a = smem + 2 * R;
+    VX_SHARED_PTR float* denom = smem + 3 * R;
+    VX_SHARED_PTR float* ys = smem + 4 * R;     // merged value sums [R, D]
+    VX_SHARED_PTR float* wt = ys + R * D;       // exp(m_split − top) [splits, R], as many as fit
+    const VX_GLOBAL float* pml = part_ml + bh * n_split * 2 * R;
+    const VX_GLOBAL float* pacc = part_acc + bh * n_split * R * D;
+    for (int r = warp; r < R; r += NWARPS) {
+        float m = NEG_INF;
+        for (int s = lane; s < n_split; s += 32) m = VX_MAX(m, VX_LOAD_CG(pml + s * 2 * R + r));
+        #pragma unroll
+        for (int off = 16; off > 0; off >>= 1) m = VX_MAX(m, VX_SHFL_XOR(m, off));
+        float l = 0.f;
+        for (int s = lane; s < n_split; s += 32)
+            l += VX_LOAD_CG(pml + (s * 2 + 1) * R + r) * VX_EXP(VX_LOAD_CG(pml + s * 2 * R + r) - m);
+        #pragma unroll
+        for (int off = 16; off > 0; off >>= 1) l += VX_SHFL_XOR(l, off);
+        if (lane == 0) {
+            float a = 1.f, dn = l;              // a: rescale of the coded terms when a sink logit is the max
+            if (HAS_SINKS) {                    // a sink logit is a key with no value
+                const float sink = vx_to_float(sinks[h * R + r]);
+                const float new_top = VX_MAX(m, sink);
+                a = VX_EXP(m - new_top);
+                dn = l * a + VX_EXP(sink - new_top);
+            }
+            top[r] = m;
+            sum[r] = l;
+            scale_a[r] = a;
+            denom[r] = dn;
+        }
+    }
+    VX_BARRIER();
+    constexpr int NW = KTAB + VTAB + PS - 4 * R - R * D;
+    const int n_wt = n_split * R <= NW ? n_split : 0;
+    for (int i = tid; i < n_wt * R; i += NT) wt[i] = VX_EXP(VX_LOAD_CG(pml + (i / R) * 2 * R + i % R) - top[i % R]);
+    VX_BARRIER();
+    for (int e = 4 * tid; e < R * D; e += 4 * NT) {  // four coordinates per thread: 16-byte loads
+        const int r = e / D;
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+        #pragma unroll 8
+        for (int s = 0; s < n_split; s++) {
+            const float w = s < n_wt ? wt[s * R + r] : VX_EXP(VX_LOAD_CG(pml + s * 2 * R + r) - top[r]);
+            const float4 v = VX_LOAD_CG4(pacc + (size_t)s * R * D + e);
+            a0 += v.x * w;
+            a1 += v.y * w;
+            a2 += v.z * w;
+            a3 += v.w * w;
+        }
+        ys[e] = a0;
+        ys[e + 1] = a1;
+        ys[e + 2] = a2;
+        ys[e + 3] = a3;
+    }
+    VX_BARRIER();
+    if (FINISH) {
+        if (HAD) {                              // R_vᵀ = H·diag(signs)/√D, rot_t holds the signs
+            for (int i = tid; i < R * D; i += NT) ys[i] *= v_scale[h * D + i % D];
+            VX_BARRIER();
+            VX_FWHT(ys, R);
+        }
+        for (int d = tid; d < D; d += NT) {     // out[r, d] = Σ_k ys[r, k] s_v[k] R_v[d, k] (one column per thread)
+            float o[R];
+            if (HAD) {
+                for (int r = 0; r < R; r++) o[r] = ys[r * D + d] * rot_t[h * D + d] * INV_SQRT_D;
+            } else {
+                for (int r = 0; r < R; r++) o[r] = 0.f;
+                #pragma unroll 16
+                for (int k = 0; k < D; k++) {
+                    const float m = rot_t[((size_t)h * D + k) * D + d] * v_scale[h * D + k];
+                    #pragma unroll
+                    for (int r = 0; r < R; r++) o[r] += ys[r * D + k] * m;
+                }
+            }
+            for (int r = 0; r < R; r++) {       // sum[r]: probability mass on coded tokens, for the mean
+                const float y = scale_a[r] * (o[r] + sum[r] * v_mean[h * D + d]);
+                out[(bh * R + r) * D + d] = vx_from_float<OT>(y / VX_MAX(denom[r], 1e-30f));
+            }
+        }
+    } else {                                    // merged partial: reference.attend adds the fp16 regions
+        for (int e = tid; e < R * D; e += NT) out[bh * R * D + e] = vx_from_float<OT>(ys[e]);
+        if (tid < R) {
+            ml_out[bh * 2 * R + tid] = top[tid];
+            ml_out[bh * 2 * R + R + tid] = sum[tid];
+        }
+    }
 """
+
+INPUTS = ["q", "q_mean", "rot", "k_scale", "k_mean", "softmax_scale", "kw", "kn", "vw", "vn",
+          "k_levels", "v_levels", "count", "sinks", "v_scale", "v_mean", "rot_t", "counter", "chain"]
+OUTPUTS = ["out", "ml_out", "part_ml", "part_acc"]
 
 # name -> (input names, output names, body)
-KERNELS = {
-    "prep": (["queries", "rot", "k_scale", "k_mean", "softmax_scale", "n_kv_arr"], ["q_rot", "q_mean"], PREP),
-    "partial": (["q", "q_mean", "kw", "kn", "vw", "vn", "k_levels", "v_levels", "count"],
-                ["m_out", "l_out", "acc_out"], PARTIAL),
-    "combine": (["m_in", "l_in", "acc_in"], ["m_out", "l_out", "acc_out"], COMBINE),
-    "finish": (["m_in", "l_in", "acc_in", "sinks", "v_scale", "v_mean", "rot_t", "n_kv_arr"], ["out"], FINISH),
-}
+KERNELS = {"decode": (INPUTS, OUTPUTS, DECODE)}
 
 
 def render(name: str, backend: str) -> tuple[str, str]:
