@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import source
-from ..methods.scalar import per_codec, uniform_bits
+from ..methods.scalar import mean_or_zeros, per_codec, uniform_bits
 from .reference import CompressedKV
 
 THREADS = 128  # 4 warps (SIMD groups); the body's NT
@@ -68,7 +68,7 @@ def _build_tables(codec) -> CodecTables:
     signs = _hadamard_signs(np.array(codec.rotation.astype(mx.float32)))
     return CodecTables(bits=uniform_bits(codec), shared=bool(np.all(lv == lv[:1, :1])),
                        levels=_dense(codec.levels), scale=_dense(codec.scale),
-                       mean=_dense(mx.zeros(codec.scale.shape) if codec.mean is None else codec.mean),
+                       mean=_dense(mean_or_zeros(codec)),
                        rotation=_dense(codec.rotation), rotation_t=_dense(codec.rotation_t),
                        signs=None if signs is None else _dense(mx.array(signs)))
 

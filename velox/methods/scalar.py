@@ -289,7 +289,7 @@ class ScalarCodec:
         offset (the position of x's first token) is unused: this codec is position-free.
         """
         lanes = self.layout.lanes
-        mean = per_codec(self, "encode_mean", lambda c: mx.zeros(c.scale.shape) if c.mean is None else c.mean)
+        mean = mean_or_zeros(self)
         if lanes is not None and self.layout.words * lanes.shape[0] == x.shape[-1]:
             # one compiled graph: a decode step encodes one token per layer, and each op it
             # saves is a kernel launch on a GPU (x − 0 and the lane sum are the same bits)
@@ -327,6 +327,12 @@ def per_codec(codec: Any, name: str, build: Callable[[Any], Any]) -> Any:
         _PER_CODEC[key] = build(codec)
         weakref.finalize(codec, _PER_CODEC.pop, key, None)
     return _PER_CODEC[key]
+
+
+def mean_or_zeros(codec: ScalarCodec) -> mx.array:
+    """The codec's mean [H, D] float32, zeros when it has none (built once per codec): one
+    graph serves codecs with and without a mean, and x − 0 changes no bit."""
+    return per_codec(codec, "mean", lambda c: mx.zeros(c.scale.shape) if c.mean is None else c.mean.astype(mx.float32))
 
 
 def uniform_bits(codec: ScalarCodec) -> int:
@@ -386,8 +392,7 @@ def value_sum(codec: ScalarCodec, p: mx.array, parts: tuple[mx.array, mx.array],
 
 def value_output(codec: ScalarCodec, acc: mx.array, mass: mx.array) -> mx.array:
     """Summed ``value_sum`` acc [B, H, n, D] and probability mass [B, H, n, 1] -> Σ p · x̂ [B, H, n, D]."""
-    mean = per_codec(codec, "mean", lambda c: mx.zeros(c.scale.shape) if c.mean is None else c.mean.astype(mx.float32))
-    return _unrotate(acc, mass, codec.scale, codec.rotation_t, mean)
+    return _unrotate(acc, mass, codec.scale, codec.rotation_t, mean_or_zeros(codec))
 
 
 @mx.compile
