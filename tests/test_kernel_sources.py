@@ -67,14 +67,13 @@ def _nvrtc():
     return ctypes.CDLL(str(lib)), Path(list(nvidia.cuda_runtime.__path__)[0]) / "include"
 
 
-CUDA_TYPES = {"float32": "float", "float16": "__half", "uint32": "uint32_t"}
+CUDA_TYPES = {"float32": "float", "float16": "__half", "uint32": "uint32_t", "uint64": "unsigned long long"}
 
 
-def mlx_cuda_source(name: str, input_types: list[str], output_types: list[str], template: dict) -> str:
+def mlx_cuda_source(inputs: list[str], input_types: list[str], outputs: list[str], output_types: list[str],
+                    header: str, body: str, template: dict) -> str:
     """The translation unit MLX's cuda_kernel builds (mlx/backend/cuda/custom_kernel.cpp), with
     stand-ins for what MLX's device headers provide (Shape, fixed-width ints)."""
-    inputs, outputs, _ = source.KERNELS[name]
-    header, body = source.render(name, "cuda")
     args = []
     for n, t in zip(inputs, input_types):
         args.append(f"const {CUDA_TYPES[t]}* {n}")
@@ -91,17 +90,35 @@ def mlx_cuda_source(name: str, input_types: list[str], output_types: list[str], 
             + ",\n".join(args) + ") {\n" + consts + body + "\n}\n}}}\n")
 
 
+def nvrtc_compile(src: str) -> tuple[int, str]:
+    """(NVRTC's result, its log) of compiling src for sm_90."""
+    import ctypes
+
+    lib, include = _nvrtc()
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"decode.cu", 0, None, None) == 0
+    opts = [b"--gpu-architecture=compute_90", b"--std=c++17", b"-I" + str(include).encode()]
+    rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return rc, log.value.decode()
+
+
+DECODE_INPUT_TYPES = {"q": "float16", "kw": "uint32", "vw": "uint32", "kn": "float16", "vn": "float16",
+                      "counter": "uint32", "chain": "float16", "sinks": "float16"}
+
+
 def test_cuda_decode_kernel_compiles_with_nvrtc():
     """The template combinations the dispatcher launches compile for an sm_90 GPU, on any machine:
     the parity tests need MLX's CUDA backend, this catches a broken body before that."""
-    import ctypes
     import itertools
 
-    lib, include = _nvrtc()
-    inputs = source.KERNELS["decode"][0]
-    types = {"q": "float16", "kw": "uint32", "vw": "uint32", "kn": "float16", "vn": "float16", "counter": "uint32",
-             "chain": "float16", "sinks": "float16"}
-    input_types = [types.get(n, "float32") for n in inputs]
+    inputs, outputs, _ = source.KERNELS["decode"]
+    header, body = source.render("decode", "cuda")
+    input_types = [DECODE_INPUT_TYPES.get(n, "float32") for n in inputs]
     combos = [(r, d, cpt, kb, vb) for r, d, cpt in [(4, 128, 16), (3, 64, 16), (8, 128, 8)]
               for kb, vb in [(4, 4), (2, 4), (2, 2)] if cpt * min(kb, vb) % 32 == 0]
     variants = list(itertools.product([True, False], [True, False],
@@ -111,14 +128,27 @@ def test_cuda_decode_kernel_compiles_with_nvrtc():
         (R, D, CPT, KB, VB), (shared, had, (rotate, finish, sinks)) = combos[i % len(combos)], variants[i % len(variants)]
         template = dict(R=R, D=D, T=256, CPT=CPT, KB=KB, VB=VB, KSH=shared, VSH=shared, PF=4, ROTATE=rotate,
                         HAD=had, FINISH=finish, HAS_SINKS=sinks, OT="float16" if finish else "float32")
-        src = mlx_cuda_source("decode", input_types, [template["OT"]] + ["float32"] * 3, template)
-        prog = ctypes.c_void_p()
-        assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"decode.cu", 0, None, None) == 0
-        opts = [b"--gpu-architecture=compute_90", b"--std=c++17", b"-I" + str(include).encode()]
-        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-        size = ctypes.c_size_t()
-        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetProgramLog(prog, log)
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
-        assert rc == 0, (template, log.value.decode()[:3000])
+        rc, log = nvrtc_compile(mlx_cuda_source(inputs, input_types, outputs, [template["OT"]] + ["float32"] * 3,
+                                                header, body, template))
+        assert rc == 0, (template, log[:3000])
+
+
+def test_kernel_timeline_instruments_the_current_body():
+    """scripts/kernel_timeline.py finds every phase boundary in the body and its kernel compiles."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "kernel_timeline.py"
+    spec = importlib.util.spec_from_file_location("kernel_timeline", path)
+    timeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timeline)
+    body = timeline.instrumented_body()
+    assert body.count("VX_TICK(") == 9
+    inputs, outputs, _ = source.KERNELS["decode"]
+    template = dict(R=4, D=128, T=1024, CPT=16, KB=4, VB=4, KSH=True, VSH=True, PF=4, ROTATE=True, HAD=True,
+                    FINISH=True, HAS_SINKS=False, OT="float16")
+    rc, log = nvrtc_compile(mlx_cuda_source(
+        inputs, [DECODE_INPUT_TYPES.get(n, "float32") for n in inputs], outputs + ["ticks"],
+        ["float16", "float32", "float32", "float32", "uint64"], source.render("decode", "cuda")[0] + timeline.TICK,
+        source.CUDA.index + body, template))
+    assert rc == 0, log[:3000]

@@ -1,0 +1,108 @@
+"""Where the fused decode kernel's GPU time goes: per-block phase timestamps (CUDA only).
+
+Instruments ``velox/kernels/source.py``'s decode body with ``globaltimer`` reads at its phase
+boundaries (block start, level tables, query rotation, scores, softmax statistics, values,
+counter, merge, output), runs one decode step over a Llama-3-8B-shaped random cache, and prints
+the kernel span and the median and maximum time of each phase per block.
+
+    python3 scripts/kernel_timeline.py --contexts 1024,65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from velox.kernels import fused, source  # noqa: E402
+from velox.methods import turboquant_mse  # noqa: E402
+from velox.runtime.cache import VeloxKVCache  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+# (phase that ends here, text of the body the timestamp goes before)
+MARKS = [
+    ("tables", "    // 0. the group's query rows"),
+    ("query rotation", "    VX_BARRIER();\n\n    const int lt = tid % LPT;"),
+    ("scores", "    // 2. softmax statistics"),
+    ("softmax statistics", "    // 3. values:"),
+    ("values", "    // 4. the last block"),
+    ("counter", "    if (!last_block) return;"),
+    ("merge", "    VX_BARRIER();\n    if (FINISH) {"),
+]
+PHASES = [name for name, _ in MARKS] + ["output"]
+TICK = ("#define VX_TICK(k) do { if (VX_THREAD_IDX == 0) { unsigned long long t_; "
+        "asm volatile(\"mov.u64 %0, %%globaltimer;\" : \"=l\"(t_)); ticks[tick_row * 9 + (k)] = t_; } } while (0)\n")
+
+
+def instrumented_body() -> str:
+    """The decode body with VX_TICK(k) at the phase boundaries (ticks: an extra uint64 output)."""
+    body = source.DECODE.replace("    const int t0 = split * T;", "    const int t0 = split * T;\n"
+                                 "    const size_t tick_row = ((size_t)b * n_kv + h) * n_split + split;\n"
+                                 "    VX_TICK(0);", 1)
+    for k, (_, anchor) in enumerate(MARKS, start=1):
+        if anchor not in body:
+            raise SystemExit(f"the decode body changed: no {anchor!r} to time")
+        body = body.replace(anchor, f"    VX_TICK({k});\n" + anchor, 1)
+    return body.rstrip() + "\n    VX_TICK(8);\n"
+
+
+class TimedDecode(fused.FusedDecode):
+    """FusedDecode whose kernel also returns ticks [blocks, 9] uint64 (nanoseconds; zeros where a
+    block stopped early, i.e. past the counter for all but the last block of a head)."""
+
+    def kernel(self):
+        if self._kernel is None:
+            header = source.render("decode", "cuda")[0] + TICK
+            index = source.CUDA.index
+            k = mx.fast.cuda_kernel(name="velox_decode_timed", input_names=source.INPUTS,
+                                    output_names=source.OUTPUTS + ["ticks"], source=index + instrumented_body(),
+                                    header=header)
+
+            def call(**kw):
+                gx, gy, gz = kw["grid"]
+                kw["output_shapes"] = kw["output_shapes"] + [(gx // fused.THREADS * gy * gz * 9,)]
+                kw["output_dtypes"] = kw["output_dtypes"] + [mx.uint64]
+                outs = k(init_value=0, **kw)  # zeros: the rows of blocks that returned early
+                self.ticks = outs[-1]
+                return outs[:-1]
+
+            self._kernel = call
+        return self._kernel
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", default="1024,65536")
+    ap.add_argument("--key-bits", type=int, default=4)
+    args = ap.parse_args(argv)
+    timed = TimedDecode("cuda", ps_budget=4096, target_blocks=264)
+    for S in (int(c) for c in args.contexts.split(",")):
+        cache = VeloxKVCache(turboquant_mse.make_codec(HKV, D, args.key_bits, 0),
+                             turboquant_mse.make_codec(HKV, D, 4, 1), fast=True)
+        cache.update_and_fetch(mx.random.normal((1, HKV, S, D)), mx.random.normal((1, HKV, S, D)))
+        q = mx.random.normal((1, HQ, 1, D)).astype(mx.float16)
+        for _ in range(5):  # the last of five runs (the first compiles)
+            mx.eval(timed.decode(q, cache.compressed(), D**-0.5), timed.ticks)
+        t = np.array(timed.ticks).reshape(-1, 9).astype(np.int64)
+        t0 = t[:, 0].min()
+        last = t[:, 8] > 0
+        phases = np.diff(t[:, :7], axis=1) / 1e3
+        print(f"context {S}, {args.key_bits}/4 bits: {len(t)} blocks of {timed.tokens_per_block(S, HKV, HQ // HKV)} "
+              f"tokens, kernel span {(t[last, 8].max() - t0) / 1e3:.1f} µs (last counter {(t[:, 6].max() - t0) / 1e3:.1f} µs)")
+        for i, name in enumerate(PHASES[:6]):
+            print(f"  {name:<20} median {np.median(phases[:, i]):6.2f} µs, max {phases[:, i].max():6.2f} µs per block")
+        merge = (t[last, 7] - t[last, 6]) / 1e3
+        output = (t[last, 8] - t[last, 7]) / 1e3
+        print(f"  {'merge':<20} median {np.median(merge):6.2f} µs, max {merge.max():6.2f} µs (last blocks)")
+        print(f"  {'output':<20} median {np.median(output):6.2f} µs, max {output.max():6.2f} µs (last blocks)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
