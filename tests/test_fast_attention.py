@@ -227,14 +227,16 @@ def test_tiny_llama_generates_the_same_tokens_fast_or_not(converted, folder, met
     close(runs[True][1], runs[False][1], tol=1e-4)
 
 
-def per_coordinate_codec(codec: ScalarCodec, seed: int) -> ScalarCodec:
-    """A calibrated-like codec: a dense rotation per head (the kernel's matrix path, not its
-    Walsh-Hadamard one), per-coordinate scales, a mean, and a codebook per coordinate (the
-    kernel's general table instead of the lane-replicated shared one)."""
+def per_coordinate_codec(codec: ScalarCodec, seed: int, dense_rotation: bool) -> ScalarCodec:
+    """A calibrated-like codec: per-coordinate scales, a mean, and a codebook per coordinate (the
+    kernel's general table instead of the lane-replicated shared one); dense_rotation: a random
+    orthogonal rotation per head (the kernel's matrix path, not its Walsh-Hadamard one)."""
     H, D, _ = codec.levels.shape
     stretch = mx.random.uniform(0.5, 1.5, (H, D, 1), key=mx.random.key(seed))
-    rotation = mx.array(np.stack([np.linalg.qr(np.random.default_rng(seed + h).standard_normal((D, D)))[0]
-                                  for h in range(H)]).astype(np.float32))
+    rotation = codec.rotation
+    if dense_rotation:
+        rotation = mx.array(np.stack([np.linalg.qr(np.random.default_rng(seed + h).standard_normal((D, D)))[0]
+                                      for h in range(H)]).astype(np.float32))
     return ScalarCodec(rotation=rotation, levels=codec.levels * stretch, bits=codec.bits,
                        scale=codec.scale * mx.random.uniform(0.5, 1.5, (H, D), key=mx.random.key(seed + 1)),
                        mean=0.3 * rand((H, D), seed + 2))
@@ -261,7 +263,10 @@ def test_kernel_matches_reference(backend, hq, hkv, d, n, case, key_bits, value_
     kc, vc = turboquant_mse.make_codec(hkv, d, key_bits, 0), turboquant_mse.make_codec(hkv, d, value_bits, 1)
     B, sink, window, dtype = 1, 0, 0, mx.float32
     if case != "plain":
-        kc, vc = per_coordinate_codec(kc, 5), per_coordinate_codec(vc, 8)
+        # fp16_regions: the kernel gets queries already rotated (by mx glue), so its rotation
+        # paths are not involved; dense rotations there only add TF32 error to the glue
+        dense = case == "calibrated"
+        kc, vc = per_coordinate_codec(kc, 5, dense), per_coordinate_codec(vc, 8, dense)
         B, dtype = 2, mx.float16
     if case == "fp16_regions":
         sink, window = 2, 3
@@ -283,8 +288,8 @@ def test_kernel_matches_reference(backend, hq, hkv, d, n, case, key_bits, value_
         decoded = mx.fast.scaled_dot_product_attention(q32, ks, vs, scale=d**-0.5, sinks=sinks)
     # The fused route (plain, calibrated) computes in fp32 inside the kernel. fp16_regions keeps
     # mx glue around it (q @ R, output @ Rᵀ) that runs as GPU matmuls at TF32-like precision:
-    # 2.03–2.14e-3 at 20000 tokens on an H100 with Hadamard rotations, 3.15e-3 on an H200 with
-    # the dense random rotations of per_coordinate_codec (float16 output included).
-    tol = 5e-3 if case == "fp16_regions" else 2e-3
+    # on an H100 it measured 2.03–2.14e-3 at 20000 tokens (float16 output included); with dense
+    # random rotations instead of Hadamard ones, 3.15e-3 on an H200.
+    tol = 3e-3 if case == "fp16_regions" else 2e-3
     close(got, ref, tol=tol)
     close(got, decoded, tol=tol)
