@@ -56,7 +56,7 @@ def _hadamard_signs(rotation: np.ndarray) -> Optional[np.ndarray]:
         return None
     i = np.arange(D)
     popcount = np.vectorize(lambda x: bin(x).count("1"))(i[:, None] & i[None, :])
-    hadamard = np.where(popcount % 2, -1.0, 1.0) / np.sqrt(D)
+    hadamard = np.where(popcount % 2, -1.0, 1.0) / np.sqrt(D)  # what the kernel's VX_FWHT computes
     signs = np.sign(rotation[:, :, 0])  # H[:, 0] = 1
     if np.any(signs == 0) or not np.allclose(rotation, signs[:, :, None] * hadamard, atol=1e-5):
         return None

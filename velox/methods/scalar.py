@@ -142,6 +142,15 @@ class PackLayout:
         )
 
 
+def shift_into_lanes(codes: mx.array, lanes: mx.array) -> mx.array:
+    """codes [..., D] uint32 of one width 32 / len(lanes), D a multiple of len(lanes) ->
+    words [..., D / len(lanes)] uint32: each code shifted into its lane, summed."""
+    *lead, D = codes.shape
+    per_word = lanes.shape[0]
+    shifted = mx.left_shift(codes.reshape(*lead, D // per_word, per_word), lanes)
+    return mx.sum(shifted, axis=-1).astype(mx.uint32)  # bits are disjoint, so sum == or
+
+
 def pack(codes: mx.array, layout: PackLayout) -> mx.array:
     """codes [B, H, L, D] uint32 -> words [B, H, L, W] uint32.
 
@@ -153,8 +162,7 @@ def pack(codes: mx.array, layout: PackLayout) -> mx.array:
         per_word = layout.lanes.shape[0]
         if layout.words * per_word != D:
             codes = mx.pad(codes, [(0, 0)] * len(lead) + [(0, layout.words * per_word - D)])
-        lanes = mx.left_shift(codes.reshape(*lead, layout.words, per_word), layout.lanes)
-        return mx.sum(lanes, axis=-1).astype(mx.uint32)  # bits are disjoint, so sum == or
+        return shift_into_lanes(codes, layout.lanes)
     shift = layout.shift[:, None, :]
     straddle = layout.straddle[:, None, :]
     lo = mx.left_shift(codes, shift)[..., None, :]  # [B, H, L, 1, D]
@@ -239,16 +247,17 @@ def _standardise(x: mx.array, mean: mx.array, rotation: mx.array, scale: mx.arra
     return (x / mx.maximum(norm, 1e-20)) @ rotation / scale[:, None, :], norm
 
 
+def _codes(y: mx.array, boundaries: mx.array) -> mx.array:
+    """y [B, H, L, D] -> codes uint32: how many of the coordinate's boundaries [H, D, K−1] y exceeds."""
+    return mx.sum(y[..., None] > boundaries[:, None], axis=-1).astype(mx.uint32)
+
+
 @mx.compile
 def _encode_lanes(x: mx.array, mean: mx.array, rotation: mx.array, scale: mx.array, boundaries: mx.array,
                   lanes: mx.array) -> tuple[mx.array, mx.array]:
     """ScalarCodec.encode when every code has the width 32 / len(lanes) and D fills whole words."""
     y, norm = _standardise(x, mean, rotation, scale)
-    codes = mx.sum(y[..., None] > boundaries[:, None], axis=-1).astype(mx.uint32)
-    *lead, D = codes.shape
-    per_word = lanes.shape[0]
-    words = mx.sum(mx.left_shift(codes.reshape(*lead, D // per_word, per_word), lanes), axis=-1)
-    return words.astype(mx.uint32), norm[..., 0].astype(mx.float16)
+    return shift_into_lanes(_codes(y, boundaries), lanes), norm[..., 0].astype(mx.float16)
 
 
 @dataclass
@@ -295,8 +304,7 @@ class ScalarCodec:
             # saves is a kernel launch on a GPU (x − 0 and the lane sum are the same bits)
             return _encode_lanes(x, mean, self.rotation, self.scale, self.boundaries, lanes)
         y, norm = _standardise(x, mean, self.rotation, self.scale)
-        codes = mx.sum(y[..., None] > self.boundaries[:, None], axis=-1).astype(mx.uint32)
-        return pack(codes, self.layout), norm[..., 0].astype(mx.float16)
+        return pack(_codes(y, self.boundaries), self.layout), norm[..., 0].astype(mx.float16)
 
     def decode(self, words: mx.array, norms: mx.array, offset: int = 0) -> mx.array:
         """(words [B, H, L, W], norms [B, H, L]) -> x̂ [B, H, L, D] float32."""
