@@ -293,3 +293,63 @@ def test_kernel_matches_reference(backend, hq, hkv, d, n, case, key_bits, value_
     tol = 3e-3 if case == "fp16_regions" else 2e-3
     close(got, ref, tol=tol)
     close(got, decoded, tol=tol)
+
+
+def code_agreement(codec: ScalarCodec, words: mx.array, expected: mx.array) -> float:
+    """Fraction of equal codes between two words arrays [..., W] of ``codec`` (codes that differ
+    must be neighbours: a coordinate on a boundary rounds either way)."""
+    a, b = unpack(words, codec.layout).astype(mx.int32), unpack(expected, codec.layout).astype(mx.int32)
+    assert mx.max(mx.abs(a - b)).item() <= 1
+    return mx.mean(a == b).item()
+
+
+@pytest.mark.skipif(kernels.backend() == "cpu", reason="needs a GPU backend (custom kernels)")
+@pytest.mark.parametrize("d,key_bits,value_bits,case", [(128, 4, 4, "plain"), (64, 4, 4, "calibrated"),
+                                                          (128, 2, 4, "calibrated"), (64, 2, 2, "plain")])
+def test_append_kernel_writes_what_encode_gives(d, key_bits, value_bits, case):
+    """One decode step's key and value, encoded by the append kernel into slot 5 of cache buffers
+    in place, against ScalarCodec.encode on the CPU (exact float32): the same codes but for
+    coordinates on a boundary, the same norms, the other slots untouched."""
+    hkv, B, N, slot = 3, 2, 8, 5
+    codecs = [turboquant_mse.make_codec(hkv, d, key_bits, 0), turboquant_mse.make_codec(hkv, d, value_bits, 1)]
+    if case == "calibrated":  # per-coordinate codebooks, a mean, dense rotations (the kernel's matrix path)
+        codecs = [per_coordinate_codec(codecs[0], 5, True), per_coordinate_codec(codecs[1], 8, True)]
+    xs = [(3 * rand((B, hkv, 1, d), seed)).astype(mx.float16) for seed in (1, 2)]
+    parts = [[mx.zeros((B, hkv, N, c.layout.words), mx.uint32), mx.zeros((B, hkv, N), mx.float16)] for c in codecs]
+    done = kernels.append(*xs, *codecs, *parts, slot)
+    assert done is not None
+    for codec, x, (words, norms) in zip(codecs, xs, parts):
+        words, norms = mx.depends([words, norms], done)
+        with mx.stream(mx.cpu):
+            expected_words, expected_norms = codec.encode(x)
+        others = mx.concatenate([words[:, :, :slot], words[:, :, slot + 1:]], axis=2)
+        assert mx.all(others == 0).item() and mx.all(norms[:, :, slot + 1:] == 0).item()
+        assert mx.allclose(norms[:, :, slot:slot + 1], expected_norms, rtol=1e-3).item()
+        assert code_agreement(codec, words[:, :, slot:slot + 1], expected_words) >= 0.99
+
+
+@pytest.mark.skipif(kernels.backend() == "cpu", reason="needs a GPU backend (custom kernels)")
+def test_fast_cache_appends_decode_steps_with_the_kernel(monkeypatch, dispatcher):
+    """A fast cache encodes each decode step with the append kernel (prefill and buffer growth keep
+    the mx encoder): each step's decode launch sees the token appended just before it (missing it
+    would be off by ~1/n), and the codes match a cache that encodes every token with mx ops."""
+    launches = []
+    append = kernels.append
+    monkeypatch.setattr(kernels, "append", lambda *a: launches.append(append(*a)) or launches[-1])
+    fast, plain = make_cache(fast=True, mean=True), make_cache(fast=False, mean=True)
+    fast.step = plain.step = 16  # a buffer growth inside the decode steps
+    for i, L in enumerate([12] + [1] * 10):
+        k, v = rand((1, HKV, L, D), 10 + i), rand((1, HKV, L, D), 40 + i)
+        fast.update_and_fetch(k, v)
+        plain.update_and_fetch(k, v)
+        q = rand((1, HQ, 1, D), 70 + i)
+        got = fast.attend(q, None, None, scale=D**-0.5)
+        mx.eval(got)  # the append and the decode launch in one graph: the kernel must see the new token
+        with mx.stream(mx.cpu):  # exact float32, from the codes as they now are
+            close(got, reference.attend(q, fast.compressed(), D**-0.5), tol=2e-3)
+    assert fast.coded == plain.coded == 22
+    assert len(launches) == 9 and all(x is not None for x in launches)  # token 17 grew the buffers
+    (fk, fv), (pk, pv) = fast.state[:2], plain.state[:2]  # state waits for the appends
+    for f, p, codec in ((fk, pk, fast.key_codec), (fv, pv, fast.value_codec)):
+        assert code_agreement(codec, f[0], p[0]) >= 0.99
+        assert mx.allclose(f[1], p[1], rtol=1e-3).item()

@@ -67,7 +67,8 @@ def _nvrtc():
     return ctypes.CDLL(str(lib)), Path(list(nvidia.cuda_runtime.__path__)[0]) / "include"
 
 
-CUDA_TYPES = {"float32": "float", "float16": "__half", "uint32": "uint32_t", "uint64": "unsigned long long"}
+CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t",
+              "uint64": "unsigned long long"}
 
 
 def mlx_cuda_source(inputs: list[str], input_types: list[str], outputs: list[str], output_types: list[str],
@@ -130,6 +131,20 @@ def test_cuda_decode_kernel_compiles_with_nvrtc():
                         HAD=had, FINISH=finish, HAS_SINKS=sinks, OT="float16" if finish else "float32")
         rc, log = nvrtc_compile(mlx_cuda_source(inputs, input_types, outputs, [template["OT"]] + ["float32"] * 3,
                                                 header, body, template))
+        assert rc == 0, (template, log[:3000])
+
+
+def test_cuda_append_kernel_compiles_with_nvrtc():
+    """The append kernel (one token's codes written into the cache in place) compiles for sm_90
+    with every width the dispatcher sends it, dense and Walsh-Hadamard rotations, and each input dtype."""
+    inputs, outputs, _ = source.KERNELS["append"]
+    header, body = source.render("append", "cuda")
+    types = {"kw": "uint32", "vw": "uint32", "kn": "float16", "vn": "float16", "slot": "float16"}
+    for D, KB, VB, KHAD, VHAD, x in [(128, 4, 4, True, True, "float16"), (64, 2, 4, False, True, "bfloat16"),
+                                     (128, 8, 1, True, False, "float32"), (64, 4, 2, False, False, "float16")]:
+        input_types = [x if n in ("kx", "vx") else types.get(n, "float32") for n in inputs]
+        template = dict(D=D, KB=KB, VB=VB, KHAD=KHAD, VHAD=VHAD, KNB=(1 << KB) - 1, VNB=(1 << VB) - 1, NDT="float16")
+        rc, log = nvrtc_compile(mlx_cuda_source(inputs, input_types, outputs, ["float32"], header, body, template))
         assert rc == 0, (template, log[:3000])
 
 

@@ -6,6 +6,8 @@ cache's codecs and shapes, and otherwise runs the pure-mx reference
 kernels do not run there). The kernels (``source``) are written once and compiled per backend:
 ``cuda`` with ``mx.fast.cuda_kernel``, ``metal`` with ``mx.fast.metal_kernel``; they take
 ScalarCodec (turboquant_mse) keys and values only, every other codec runs the reference.
+``append`` encodes a decode step's key and value into a cache's code buffers in place, in one
+launch ordered before the next decode launch.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import Optional
 import mlx.core as mx
 
 from ..methods.scalar import ScalarCodec
+from . import fused
 from .reference import CompressedKV, Mask, supports
 from .reference import attend as reference_attend
 
-__all__ = ["CompressedKV", "attend", "backend", "supports"]
+__all__ = ["CompressedKV", "append", "attend", "backend", "reads_in_kernel", "supports"]
 
 
 def backend() -> str:
@@ -38,17 +41,42 @@ def _fused_module(name: str):
     return importlib.import_module(f".{name}", __name__)  # velox.kernels.cuda / .metal
 
 
-def attend(queries: mx.array, kv: CompressedKV, scale: float, mask: Mask = None,
-           sinks: Optional[mx.array] = None) -> mx.array:
-    """Attention of queries [B, Hq, L, D] over a compressed cache -> [B, Hq, L, D]
-    (semantics of ``mx.fast.scaled_dot_product_attention`` on the decoded cache)."""
+def _fused_for(queries: mx.array, kv: CompressedKV, mask: Mask):
+    """The backend's fused-kernel module when it takes this call, else None."""
     name = backend()
     if name != "cpu" and type(kv.key_codec) is ScalarCodec and type(kv.value_codec) is ScalarCodec:
         fused = _fused_module(name)
         if fused.supports(queries, kv, mask):
-            if kv.sink is None and kv.recent is None:  # codes only: the whole step in one launch
-                return fused.decode(queries, kv, scale, sinks)
-            # fp16 regions: the kernel takes the coded tokens, the reference merges the rest
-            return reference_attend(queries, kv, scale=scale, mask=mask, sinks=sinks,
-                                    coded_partial=fused.coded_partial)
-    return reference_attend(queries, kv, scale=scale, mask=mask, sinks=sinks)
+            return fused
+    return None
+
+
+def reads_in_kernel(queries: mx.array, kv: CompressedKV, mask: Mask = None) -> bool:
+    """Whether ``attend`` reads the coded tokens in a custom kernel (chained after ``append``'s)."""
+    return _fused_for(queries, kv, mask) is not None
+
+
+def attend(queries: mx.array, kv: CompressedKV, scale: float, mask: Mask = None,
+           sinks: Optional[mx.array] = None) -> mx.array:
+    """Attention of queries [B, Hq, L, D] over a compressed cache -> [B, Hq, L, D]
+    (semantics of ``mx.fast.scaled_dot_product_attention`` on the decoded cache)."""
+    kernel = _fused_for(queries, kv, mask)
+    if kernel is None:
+        return reference_attend(queries, kv, scale=scale, mask=mask, sinks=sinks)
+    if kv.sink is None and kv.recent is None:  # codes only: the whole step in one launch
+        return kernel.decode(queries, kv, scale, sinks)
+    # fp16 regions: the kernel takes the coded tokens, the reference merges the rest
+    return reference_attend(queries, kv, scale=scale, mask=mask, sinks=sinks, coded_partial=kernel.coded_partial)
+
+
+def append(keys: mx.array, values: mx.array, key_codec, value_codec, key_parts: list[mx.array],
+           value_parts: list[mx.array], slot: int) -> Optional[mx.array]:
+    """Encode one token's keys/values [B, H, 1, D] into slot ``slot`` of a cache's code buffers
+    in place with the backend's kernel (``fused.FusedDecode.append``). Returns the launch's
+    output, which must be evaluated before anything but the decode kernel reads the buffers,
+    or None where no kernel applies (the caller encodes with mx ops)."""
+    name = backend()
+    if (name == "cpu" or type(key_codec) is not ScalarCodec or type(value_codec) is not ScalarCodec
+            or not fused.append_supports(keys, key_codec, value_codec)):
+        return None
+    return _fused_module(name).append(keys, values, key_codec, value_codec, key_parts, value_parts, slot)

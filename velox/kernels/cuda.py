@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from .fused import FusedDecode, supports
 
-__all__ = ["coded_partial", "decode", "supports", "tokens_per_block"]
+__all__ = ["append", "coded_partial", "decode", "supports", "tokens_per_block"]
 
 _fused = FusedDecode("cuda", ps_budget=4096, target_blocks=264)
+append = _fused.append
 coded_partial = _fused.coded_partial
 decode = _fused.decode
 tokens_per_block = _fused.tokens_per_block

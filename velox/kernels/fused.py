@@ -1,4 +1,4 @@
-"""Launching the fused decode kernel of ``source``: the same grid and tables on every backend.
+"""Launching the kernels of ``source``: the same grids and tables on every backend.
 
 ``FusedDecode(backend, ...)`` compiles ``source.render("decode", backend)`` with MLX's
 custom-kernel wrapper for that backend (``mx.fast.cuda_kernel`` or ``mx.fast.metal_kernel``,
@@ -6,7 +6,8 @@ which take the same arguments) and launches it: ``decode`` for caches of coded t
 (query in, attention output out: one launch), ``coded_partial`` for ``reference.attend``,
 which merges the cache's fp16 sink/window tokens itself. Only decode (one query token, no
 mask) with 2- or 4-bit keys and values, head_dim 64 or 128, ≤ 8 query heads per KV head
-(≤ 4 with 2-bit codes) goes here.
+(≤ 4 with 2-bit codes) goes here. ``append`` encodes a decode step's key and value into the
+cache's buffers in place (one launch instead of a dozen small ops and four slice updates).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class CodecTables(NamedTuple):
     rotation: mx.array     # [H, D, D]
     rotation_t: mx.array   # [H, D, D]
     signs: Optional[mx.array]  # [H, D] when rotation = diag(signs)·H/√D (Sylvester H) for every head
+    boundaries: mx.array   # [H, D, K − 1]: the encoder's (midpoints between levels)
 
 
 def _dense(x: mx.array) -> mx.array:
@@ -70,7 +72,8 @@ def _build_tables(codec) -> CodecTables:
                        levels=_dense(codec.levels), scale=_dense(codec.scale),
                        mean=_dense(mean_or_zeros(codec)),
                        rotation=_dense(codec.rotation), rotation_t=_dense(codec.rotation_t),
-                       signs=None if signs is None else _dense(mx.array(signs)))
+                       signs=None if signs is None else _dense(mx.array(signs)),
+                       boundaries=_dense(codec.boundaries))
 
 
 def tables(codec) -> CodecTables:
@@ -116,8 +119,9 @@ class FusedDecode:
         self.ps_budget = ps_budget
         self.target_blocks = target_blocks
         self._kernel = None
+        self._append = None
         self._counter = mx.zeros((0,), mx.uint32)  # per (batch, KV head); zero between launches
-        self._chain = _scalar(0.0)  # the last launch's output: orders launches sharing the counter
+        self._chain = _scalar(0.0)  # the last launch's output: orders launches (shared counter, appends)
 
     def kernel(self):
         """The kernel, compiled on first use."""
@@ -183,9 +187,46 @@ class FusedDecode:
         acc, ml = self._launch(q_rot.astype(mx.float32), qm.astype(mx.float32), kv, R, None, False, None, mx.float32)
         return ml[:, :, 0, :, None], ml[:, :, 1, :, None], acc
 
+    def append(self, keys: mx.array, values: mx.array, key_codec, value_codec,
+               key_parts: list[mx.array], value_parts: list[mx.array], slot: int) -> mx.array:
+        """Encode keys/values [B, H, 1, D] (``ScalarCodec.encode``) straight into slot ``slot`` of
+        the cache buffers key_parts / value_parts ([words [B, H, N, W] uint32, norms [B, H, N]
+        float16], N > slot), in place, in one launch. Returns the launch's output [1].
+
+        MLX orders GPU work by the arrays a node outputs, and these writes go to inputs: the
+        launch joins the chain (see ``_launch``), so the next decode launch waits for it; any
+        other reader of the buffers must first evaluate the returned array."""
+        kt, vt = tables(key_codec), tables(value_codec)
+        (kw, kn), (vw, vn) = key_parts, value_parts
+        B, H, _, D = keys.shape
+        if self._append is None:
+            inputs, outputs, _ = source.KERNELS["append"]
+            header, body = source.render("append", self.backend)
+            self._append = getattr(mx.fast, f"{self.backend}_kernel")(
+                name="velox_append", input_names=inputs, output_names=outputs, source=body, header=header)
+        done = self._append(
+            # the slot reaches the kernel as an input's length (a prefix view, no host->device copy)
+            inputs=[keys, values, kt.mean, kt.rotation if kt.signs is None else kt.signs, kt.scale, kt.boundaries,
+                    vt.mean, vt.rotation if vt.signs is None else vt.signs, vt.scale, vt.boundaries,
+                    kw, kn, vw, vn, kn[0, 0, :slot + 1], self._chain],
+            template=[("D", D), ("KB", kt.bits), ("VB", vt.bits), ("KHAD", kt.signs is not None),
+                      ("VHAD", vt.signs is not None), ("KNB", kt.boundaries.shape[-1]),
+                      ("VNB", vt.boundaries.shape[-1]), ("NDT", kn.dtype)],
+            grid=(THREADS, H, 2 * B), threadgroup=(THREADS, 1, 1),
+            output_shapes=[(1,)], output_dtypes=[mx.float32])[0]
+        self._chain = done
+        return done
+
     def decode(self, queries: mx.array, kv: CompressedKV, scale: float,
                sinks: Optional[mx.array] = None) -> mx.array:
         """Attention of one query token over a cache of coded tokens only (no fp16 regions):
         queries [B, Hq, 1, D] -> [B, Hq, 1, D] in the queries' dtype, in one launch."""
         R = queries.shape[1] // kv.key_codec.levels.shape[0]
         return self._launch(queries, _scalar(0.0), kv, R, scale, True, sinks, queries.dtype)[0]
+
+
+def append_supports(keys: mx.array, key_codec, value_codec) -> bool:
+    """``FusedDecode.append`` takes one token (L = 1), head_dim 64 or 128, every code of K and of V
+    one width dividing 32."""
+    B, H, L, D = keys.shape
+    return L == 1 and D in (64, 128) and all(tables(c).bits for c in (key_codec, value_codec))

@@ -15,7 +15,7 @@ import platform
 from .fused import FusedDecode
 from .fused import supports as _supports
 
-__all__ = ["coded_partial", "decode", "supports", "tokens_per_block"]
+__all__ = ["append", "coded_partial", "decode", "supports", "tokens_per_block"]
 
 _fused = FusedDecode("metal", ps_budget=2048, target_blocks=160)
 coded_partial = _fused.coded_partial
@@ -27,3 +27,8 @@ _METAL_3_2 = int((platform.mac_ver()[0] or "0").split(".")[0]) >= 15  # macOS 15
 def supports(queries, kv, mask) -> bool:
     """``fused.supports`` on macOS 15 or later (Metal 3.2's device-scope fences)."""
     return _METAL_3_2 and _supports(queries, kv, mask)
+
+
+def append(*args):
+    """``FusedDecode.append`` where the decode kernel runs (macOS 15): its launches order the writes."""
+    return _fused.append(*args) if _METAL_3_2 else None

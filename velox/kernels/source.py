@@ -25,6 +25,12 @@ every query head of the group (GQA) and:
    mean, ÷ the softmax sum, in the queries' dtype. Otherwise it writes the merged max, sum
    and value sum for ``reference.attend`` to merge with the cache's fp16 sink/window tokens.
 
+``append`` (the second kernel) encodes a decode step's key and value (ScalarCodec.encode:
+centre, norm, rotate, standardise, count boundaries, pack) straight into the cache's code
+buffers, in place: one launch per layer and step instead of a dozen small ops and four slice
+updates. MLX orders GPU work by the arrays a launch outputs, so the write is ordered before the
+next decode launch through the same ``chain`` input.
+
 Level lookups: when every coordinate of every head shares one codebook (turboquant), each
 lane reads its own copy of the levels (table[code·32 + lane]): shared-memory gathers with
 random codes would otherwise collide on banks. Per-coordinate codebooks use a padded
@@ -58,6 +64,7 @@ CUDA = Prelude(header=r"""
 #define VX_NEG_INF __int_as_float(0xff800000)
 #define VX_EXP __expf
 #define VX_MAX fmaxf
+#define VX_SQRT sqrtf
 // Cross-block hand-off: fence the partials, count the finished blocks in a persistent
 // counter (an input: written through a cast), read the others' partials past L1 (not
 // coherent across SMs).
@@ -66,6 +73,7 @@ CUDA = Prelude(header=r"""
 #define VX_ATOMIC_RESET(p) atomicExch((unsigned int*)(p), 0u)
 #define VX_LOAD_CG(p) __ldcg(p)
 #define VX_LOAD_CG4(p) __ldcg(reinterpret_cast<const float4*>(p))
+#define VX_MUT(T, p) ((T*)(p))              // an input written in place (the append kernel)
 // Explicit conversions: the implicit __half/__nv_bfloat16 ones may be compiled out.
 __device__ inline float vx_to_float(float x) { return x; }
 __device__ inline float vx_to_float(__half x) { return __half2float(x); }
@@ -91,12 +99,14 @@ METAL = Prelude(header=r"""
 #define VX_NEG_INF (-INFINITY)
 #define VX_EXP metal::exp               // not fast::exp: exp(-inf) must stay 0
 #define VX_MAX metal::fmax
+#define VX_SQRT metal::sqrt
 // Cross-block hand-off (device-scope fences: Metal 3.2, macOS 15).
 #define VX_DEVICE_FENCE() atomic_thread_fence(mem_flags::mem_device, memory_order_seq_cst, thread_scope_device)
 #define VX_ATOMIC_INC(p) atomic_fetch_add_explicit((device atomic_uint*)(p), 1u, memory_order_relaxed)
 #define VX_ATOMIC_RESET(p) atomic_store_explicit((device atomic_uint*)(p), 0u, memory_order_relaxed)
 #define VX_LOAD_CG(p) (*(p))
 #define VX_LOAD_CG4(p) (*reinterpret_cast<const device float4*>(p))
+#define VX_MUT(T, p) ((device T*)(p))       // an input written in place (the append kernel)
 template <typename T> inline float vx_to_float(T x) { return static_cast<float>(x); }
 template <typename T> inline T vx_from_float(float x) { return static_cast<T>(x); }
 """, index=r"""
@@ -474,12 +484,74 @@ DECODE = r"""
     }
 """
 
+APPEND = r"""
+    // Template: D = head_dim, KB/VB key/value bits (dividing 32), KHAD/VHAD Walsh-Hadamard
+    // rotations (k_rot/v_rot then hold the signs [H, D]), KNB/VNB boundaries per coordinate,
+    // NDT the norms' type. One block per (batch, KV head, K or V); the token goes to slot
+    // slot_shape[0] − 1 of the cache buffers, written in place. ``chain`` (unused) and ``done``
+    // order it between decode launches (fused.FusedDecode.append).
+    constexpr int NT = 128;
+    constexpr int NWARPS = NT / 32;
+    constexpr float INV_SQRT_D = D == 128 ? 0.08838834764831845f : 0.125f;
+    VX_SHARED float xs[D];
+    VX_SHARED float red[NWARPS];
+    VX_SHARED unsigned int cs[D];
+    const int tid = VX_THREAD_IDX, lane = tid % 32, warp = tid / 32;
+    const int h = VX_BLOCK_IDX(y), n_kv = VX_GRID_DIM(y);
+    const int b = VX_BLOCK_IDX(z) / 2;
+    const size_t bh = (size_t)b * n_kv + h;
+    const int pos = slot_shape[0] - 1;
+    // ScalarCodec.encode of one vector: centre, norm, rotate the unit vector, standardise,
+    // count the boundaries each coordinate exceeds, pack the codes into words (lane j of a
+    // word at bit j·BITS, as scalar.shift_into_lanes), write words and norm at slot pos.
+    #define VX_APPEND(x, mean, rot, scale, bound, words, norms, N_, BITS, HAD, NB) do {      \
+        for (int d = tid; d < D; d += NT) xs[d] = vx_to_float((x)[bh * D + d]) - (mean)[h * D + d]; \
+        float a_ = 0.f;                                                                    \
+        for (int d = tid; d < D; d += NT) a_ += xs[d] * xs[d];                             \
+        for (int off = 16; off > 0; off >>= 1) a_ += VX_SHFL_XOR(a_, off);                 \
+        if (lane == 0) red[warp] = a_;                                                     \
+        VX_BARRIER();                                                                      \
+        float nrm_ = 0.f;                                                                  \
+        for (int w = 0; w < NWARPS; w++) nrm_ += red[w];                                   \
+        nrm_ = VX_SQRT(nrm_);                                                              \
+        const float den_ = VX_MAX(nrm_, 1e-20f);                                           \
+        for (int d = tid; d < D; d += NT) xs[d] = xs[d] / den_ * (HAD ? (rot)[h * D + d] : 1.f); \
+        VX_BARRIER();                                                                      \
+        if (HAD) VX_FWHT(xs, 1);                                                           \
+        for (int d = tid; d < D; d += NT) {                                                \
+            float y_ = 0.f;                                                                \
+            if (HAD) {                                                                     \
+                y_ = xs[d] * INV_SQRT_D;                                                   \
+            } else {                                                                       \
+                for (int k = 0; k < D; k++) y_ += xs[k] * (rot)[((size_t)h * D + k) * D + d]; \
+            }                                                                              \
+            const float z_ = y_ / (scale)[h * D + d];                                      \
+            unsigned int c_ = 0u;                                                          \
+            for (int i = 0; i < (NB); i++) c_ += z_ > (bound)[((size_t)h * D + d) * (NB) + i] ? 1u : 0u; \
+            cs[d] = c_;                                                                    \
+        }                                                                                  \
+        VX_BARRIER();                                                                      \
+        for (int w = tid; w < D * (BITS) / 32; w += NT) {                                  \
+            unsigned int word_ = 0u;                                                       \
+            for (int j = 0; j < 32 / (BITS); j++) word_ |= cs[w * (32 / (BITS)) + j] << (j * (BITS)); \
+            VX_MUT(unsigned int, words)[(bh * N_ + pos) * (D * (BITS) / 32) + w] = word_;  \
+        }                                                                                  \
+        if (tid == 0) VX_MUT(NDT, norms)[bh * N_ + pos] = vx_from_float<NDT>(nrm_);        \
+    } while (0)
+    if (VX_BLOCK_IDX(z) % 2 == 0) VX_APPEND(kx, k_mean, k_rot, k_scale, k_bound, kw, kn, kn_shape[2], KB, KHAD, KNB);
+    else VX_APPEND(vx, v_mean, v_rot, v_scale, v_bound, vw, vn, vn_shape[2], VB, VHAD, VNB);
+    #undef VX_APPEND
+    if (tid == 0 && h == 0 && VX_BLOCK_IDX(z) == 0) done[0] = 0.f;
+"""
+
 INPUTS = ["q", "q_mean", "rot", "k_scale", "k_mean", "softmax_scale", "kw", "kn", "vw", "vn",
           "k_levels", "v_levels", "count", "sinks", "v_scale", "v_mean", "rot_t", "counter", "chain"]
 OUTPUTS = ["out", "ml_out", "part_ml", "part_acc"]
+APPEND_INPUTS = ["kx", "vx", "k_mean", "k_rot", "k_scale", "k_bound", "v_mean", "v_rot", "v_scale", "v_bound",
+                 "kw", "kn", "vw", "vn", "slot", "chain"]
 
 # name -> (input names, output names, body)
-KERNELS = {"decode": (INPUTS, OUTPUTS, DECODE)}
+KERNELS = {"decode": (INPUTS, OUTPUTS, DECODE), "append": (APPEND_INPUTS, ["done"], APPEND)}
 
 
 def render(name: str, backend: str) -> tuple[str, str]:

@@ -78,6 +78,15 @@ class VeloxKVCache(_BaseCache):
         self.fast = fast and kernels.supports(key_codec, value_codec)
         # Whether the last update_and_fetch returned only the new tokens (attend must read the codes).
         self.codes_only = False
+        # The last in-place append kernel's output (kernels.append): until it is evaluated, only
+        # the decode kernel (chained after it) may read the buffers; everything else settles first.
+        self.unsettled: mx.array | None = None
+
+    def settle(self) -> None:
+        """Wait for in-place appends, so that any mx op may read the code buffers."""
+        if self.unsettled is not None:
+            mx.eval(self.unsettled)
+            self.unsettled = None
 
     @property
     def n_sink(self) -> int:
@@ -103,10 +112,18 @@ class VeloxKVCache(_BaseCache):
 
     def _encode(self, keys: mx.array, values: mx.array) -> None:
         """Append keys/values [B, H, L, D] (the tokens right after the coded ones) as codes."""
+        end = self.coded + keys.shape[2]
+        if self.fast and attention.is_installed() and self.keys is not None and end <= self.keys[0].shape[2]:
+            # a decode step on a GPU: one kernel writes the codes into the buffers in place
+            done = kernels.append(keys, values, self.key_codec, self.value_codec, self.keys, self.values, self.coded)
+            if done is not None:
+                self.unsettled = done
+                self.coded = end
+                return
+        self.settle()
         position = self.n_sink + self.coded
         k_parts = self.key_codec.encode(keys, offset=position)
         v_parts = self.value_codec.encode(values, offset=position)
-        end = self.coded + keys.shape[2]
         self.keys = self._grow(self.keys, k_parts, end)
         self.values = self._grow(self.values, v_parts, end)
         for buf, part in zip(self.keys + self.values, k_parts + v_parts):
@@ -148,6 +165,7 @@ class VeloxKVCache(_BaseCache):
 
     def fetch(self, dtype=mx.float32) -> tuple[mx.array, mx.array]:
         """The decoded history: keys, values [B, H, offset, D] in ``dtype``."""
+        self.settle()
         sink, recent = self.fp16_regions()
         ks, vs = [], []
         if sink:
@@ -182,7 +200,10 @@ class VeloxKVCache(_BaseCache):
         """Attention for the dispatcher: queries [B, Hq, L, D] -> [B, Hq, L, D]. keys/values
         are what update_and_fetch returned (the decoded history unless ``codes_only``)."""
         if self.codes_only:
-            return kernels.attend(queries, self.compressed(), scale=scale, mask=mask, sinks=sinks)
+            kv = self.compressed()
+            if not kernels.reads_in_kernel(queries, kv, mask):
+                self.settle()
+            return kernels.attend(queries, kv, scale=scale, mask=mask, sinks=sinks)
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
 
     def size(self) -> int:
@@ -198,6 +219,7 @@ class VeloxKVCache(_BaseCache):
         refuse a file written with other settings. The codecs are not arrays and are not
         part of the state: see ``from_state``.
         """
+        self.settle()
         cut = lambda bufs: None if bufs is None or not self.coded else [b[:, :, :self.coded] for b in bufs]
         return (cut(self.keys), cut(self.values), *self.fp16_regions(), self.offset, self.method,
                 self.sink, self.window)
