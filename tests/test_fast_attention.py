@@ -353,3 +353,35 @@ def test_fast_cache_appends_decode_steps_with_the_kernel(monkeypatch, dispatcher
     for f, p, codec in ((fk, pk, fast.key_codec), (fv, pv, fast.value_codec)):
         assert code_agreement(codec, f[0], p[0]) >= 0.99
         assert mx.allclose(f[1], p[1], rtol=1e-3).item()
+
+
+def test_cache_settles_appends_before_mx_ops_read_the_buffers(monkeypatch, dispatcher):
+    """The cache's side of the append kernel, on any backend (kernels.append faked with mx ops
+    writing the step's codes into the buffers): a handed-off decode step leaves the buffers
+    unsettled until an mx reader (attention off the kernel, fetch, state) evaluates the append,
+    and what they read is what a cache encoding every token itself holds."""
+    def fake_append(keys, values, key_codec, value_codec, key_parts, value_parts, slot):
+        for parts, codec, x in ((key_parts, key_codec, keys), (value_parts, value_codec, values)):
+            for buf, part in zip(parts, codec.encode(x)):
+                buf[:, :, slot:slot + 1] = part  # updates the array objects the cache holds
+        return mx.array([0.0])
+
+    monkeypatch.setattr(kernels, "append", fake_append)
+    fast, plain = make_cache(fast=True), make_cache(fast=False)
+    for i, L in enumerate([5, 1, 1, 1]):
+        k, v = rand((1, HKV, L, D), 80 + i), rand((1, HKV, L, D), 90 + i)
+        fast.update_and_fetch(k, v)
+        plain.update_and_fetch(k, v)
+        assert (fast.unsettled is not None) == (L == 1)
+        if i == 1:
+            q = rand((1, HQ, 1, D), 5)
+            got = fast.attend(q, None, None, scale=D**-0.5)
+            assert (fast.unsettled is None) == (not kernels.reads_in_kernel(q, fast.compressed()))
+            close(got, plain.attend(q, *plain.fetch(), scale=D**-0.5))
+        if i == 2:
+            for a, b in zip(fast.fetch(), plain.fetch()):
+                assert fast.unsettled is None and mx.array_equal(a, b).item()
+    state = fast.state
+    assert fast.unsettled is None and fast.coded == 8
+    for a, b in zip(state[0] + state[1], plain.state[0] + plain.state[1]):
+        assert mx.array_equal(a, b).item()
