@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 from functools import lru_cache
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 
@@ -23,7 +23,7 @@ from . import fused
 from .reference import CompressedKV, Mask, supports
 from .reference import attend as reference_attend
 
-__all__ = ["CompressedKV", "append", "attend", "backend", "reads_in_kernel", "supports"]
+__all__ = ["CompressedKV", "append", "attend", "backend", "supports"]
 
 
 def backend() -> str:
@@ -51,17 +51,15 @@ def _fused_for(queries: mx.array, kv: CompressedKV, mask: Mask):
     return None
 
 
-def reads_in_kernel(queries: mx.array, kv: CompressedKV, mask: Mask = None) -> bool:
-    """Whether ``attend`` reads the coded tokens in a custom kernel (chained after ``append``'s)."""
-    return _fused_for(queries, kv, mask) is not None
-
-
 def attend(queries: mx.array, kv: CompressedKV, scale: float, mask: Mask = None,
-           sinks: Optional[mx.array] = None) -> mx.array:
+           sinks: Optional[mx.array] = None, on_reference: Optional[Callable[[], None]] = None) -> mx.array:
     """Attention of queries [B, Hq, L, D] over a compressed cache -> [B, Hq, L, D]
-    (semantics of ``mx.fast.scaled_dot_product_attention`` on the decoded cache)."""
+    (semantics of ``mx.fast.scaled_dot_product_attention`` on the decoded cache).
+    on_reference: called before mx ops (not a kernel chained after ``append``'s) read the codes."""
     kernel = _fused_for(queries, kv, mask)
     if kernel is None:
+        if on_reference is not None:
+            on_reference()
         return reference_attend(queries, kv, scale=scale, mask=mask, sinks=sinks)
     if kv.sink is None and kv.recent is None:  # codes only: the whole step in one launch
         return kernel.decode(queries, kv, scale, sinks)

@@ -200,10 +200,8 @@ class VeloxKVCache(_BaseCache):
         """Attention for the dispatcher: queries [B, Hq, L, D] -> [B, Hq, L, D]. keys/values
         are what update_and_fetch returned (the decoded history unless ``codes_only``)."""
         if self.codes_only:
-            kv = self.compressed()
-            if not kernels.reads_in_kernel(queries, kv, mask):
-                self.settle()
-            return kernels.attend(queries, kv, scale=scale, mask=mask, sinks=sinks)
+            return kernels.attend(queries, self.compressed(), scale=scale, mask=mask, sinks=sinks,
+                                  on_reference=self.settle)
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
 
     def size(self) -> int:
