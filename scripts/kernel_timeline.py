@@ -3,15 +3,18 @@
 Instruments ``velox/kernels/source.py``'s decode body with ``globaltimer`` reads at its phase
 boundaries (block start, level tables, query rotation, scores, softmax statistics, values,
 counter, merge, output), runs one decode step over a Llama-3-8B-shaped random cache, and prints
-the kernel span and the median and maximum time of each phase per block.
+the kernel span and the median and maximum time of each phase per block. ``--chained N`` launches N decode steps in one eval (as a model's layers queue) and
+prints each launch's span and the GPU's idle gap before the next.
 
     python3 scripts/kernel_timeline.py --contexts 1024,65536
+    python3 scripts/kernel_timeline.py --contexts 1024,65536 --chained 10
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -49,12 +52,17 @@ def instrumented_body() -> str:
         if anchor not in body:
             raise SystemExit(f"the decode body changed: no {anchor!r} to time")
         body = body.replace(anchor, f"    VX_TICK({k});\n" + anchor, 1)
+    # blocks that stop at the counter zero their last two ticks: every row is written, so the
+    # output needs no init_value (a fill per launch, which would sit between chained launches)
+    body = body.replace("    if (!last_block) return;", "    if (!last_block) {\n        if (VX_THREAD_IDX == 0) "
+                        "{ ticks[tick_row * 9 + 7] = 0; ticks[tick_row * 9 + 8] = 0; }\n        return;\n    }", 1)
     return body.rstrip() + "\n    VX_TICK(8);\n"
 
 
 class TimedDecode(fused.FusedDecode):
     """FusedDecode whose kernel also returns ticks [blocks, 9] uint64 (nanoseconds; zeros where a
-    block stopped early, i.e. past the counter for all but the last block of a head)."""
+    block stopped early, i.e. past the counter for all but the last block of a head), one array
+    per launch in ``ticks``."""
 
     def kernel(self):
         if self._kernel is None:
@@ -68,8 +76,8 @@ class TimedDecode(fused.FusedDecode):
                 gx, gy, gz = kw["grid"]
                 kw["output_shapes"] = kw["output_shapes"] + [(gx // fused.THREADS * gy * gz * 9,)]
                 kw["output_dtypes"] = kw["output_dtypes"] + [mx.uint64]
-                outs = k(init_value=0, **kw)  # zeros: the rows of blocks that returned early
-                self.ticks = outs[-1]
+                outs = k(**kw)
+                self.ticks.append(outs[-1])
                 return outs[:-1]
 
             self._kernel = call
@@ -80,16 +88,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="1024,65536")
     ap.add_argument("--key-bits", type=int, default=4)
+    ap.add_argument("--chained", type=int, default=0, help="also time N chained launches in one eval")
     args = ap.parse_args(argv)
     timed = TimedDecode("cuda", ps_budget=4096, target_blocks=264)
+    timed.ticks = []
     for S in (int(c) for c in args.contexts.split(",")):
         cache = VeloxKVCache(turboquant_mse.make_codec(HKV, D, args.key_bits, 0),
                              turboquant_mse.make_codec(HKV, D, 4, 1), fast=True)
         cache.update_and_fetch(mx.random.normal((1, HKV, S, D)), mx.random.normal((1, HKV, S, D)))
         q = mx.random.normal((1, HQ, 1, D)).astype(mx.float16)
+        kv = cache.compressed()
         for _ in range(5):  # the last of five runs (the first compiles)
-            mx.eval(timed.decode(q, cache.compressed(), D**-0.5), timed.ticks)
-        t = np.array(timed.ticks).reshape(-1, 9).astype(np.int64)
+            timed.ticks = []
+            mx.eval(timed.decode(q, kv, D**-0.5), timed.ticks)
+        t = np.array(timed.ticks[0]).reshape(-1, 9).astype(np.int64)
         t0 = t[:, 0].min()
         last = t[:, 8] > 0
         phases = np.diff(t[:, :7], axis=1) / 1e3
@@ -101,6 +113,21 @@ def main(argv=None) -> int:
         output = (t[last, 8] - t[last, 7]) / 1e3
         print(f"  {'merge':<20} median {np.median(merge):6.2f} µs, max {merge.max():6.2f} µs (last blocks)")
         print(f"  {'output':<20} median {np.median(output):6.2f} µs, max {output.max():6.2f} µs (last blocks)")
+        if args.chained:
+            for _ in range(3):  # the last of three evals
+                timed.ticks = []
+                start = time.perf_counter()
+                outs = [timed.decode(q, kv, D**-0.5) for _ in range(args.chained)]
+                built = time.perf_counter()
+                mx.eval(outs, timed.ticks)
+                done = time.perf_counter()
+            rows = [np.array(x).reshape(-1, 9).astype(np.int64) for x in timed.ticks]
+            starts = np.array([r[:, 0].min() for r in rows])
+            ends = np.array([r[:, 8].max() for r in rows])
+            n = args.chained
+            print(f"  {n} chained launches: build {(built - start) / n * 1e6:.1f} µs and eval "
+                  f"{(done - built) / n * 1e6:.1f} µs per launch on the CPU; on the GPU, spans "
+                  f"{np.round((ends - starts) / 1e3, 1).tolist()} µs, gaps {np.round((starts[1:] - ends[:-1]) / 1e3, 1).tolist()} µs")
     return 0
 
 

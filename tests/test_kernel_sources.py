@@ -158,7 +158,7 @@ def test_kernel_timeline_instruments_the_current_body():
     timeline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(timeline)
     body = timeline.instrumented_body()
-    assert body.count("VX_TICK(") == 9
+    assert body.count("VX_TICK(") == 9 and body.count("ticks[tick_row * 9 + 8] = 0") == 1
     inputs, outputs, _ = source.KERNELS["decode"]
     template = dict(R=4, D=128, T=1024, CPT=16, KB=4, VB=4, KSH=True, VSH=True, PF=4, ROTATE=True, HAD=True,
                     FINISH=True, HAS_SINKS=False, OT="float16")
