@@ -41,13 +41,17 @@ def _fused_module(name: str):
     return importlib.import_module(f".{name}", __name__)  # velox.kernels.cuda / .metal
 
 
+def _kernel_backend(key_codec, value_codec) -> Optional[str]:
+    """The backend whose custom kernels take this codec pair (ScalarCodec keys and values), else None."""
+    name = backend()
+    return name if name != "cpu" and type(key_codec) is ScalarCodec and type(value_codec) is ScalarCodec else None
+
+
 def _fused_for(queries: mx.array, kv: CompressedKV, mask: Mask):
     """The backend's fused-kernel module when it takes this call, else None."""
-    name = backend()
-    if name != "cpu" and type(kv.key_codec) is ScalarCodec and type(kv.value_codec) is ScalarCodec:
-        fused = _fused_module(name)
-        if fused.supports(queries, kv, mask):
-            return fused
+    name = _kernel_backend(kv.key_codec, kv.value_codec)
+    if name is not None and _fused_module(name).supports(queries, kv, mask):
+        return _fused_module(name)
     return None
 
 
@@ -73,8 +77,7 @@ def append(keys: mx.array, values: mx.array, key_codec, value_codec, key_parts: 
     in place with the backend's kernel (``fused.FusedDecode.append``). Returns the launch's
     output, which must be evaluated before anything but the decode kernel reads the buffers,
     or None where no kernel applies (the caller encodes with mx ops)."""
-    name = backend()
-    if (name == "cpu" or type(key_codec) is not ScalarCodec or type(value_codec) is not ScalarCodec
-            or not fused.append_supports(keys, key_codec, value_codec)):
+    name = _kernel_backend(key_codec, value_codec)
+    if name is None or not fused.append_supports(keys, key_codec, value_codec):
         return None
     return _fused_module(name).append(keys, values, key_codec, value_codec, key_parts, value_parts, slot)

@@ -126,12 +126,15 @@ class FusedDecode:
     def kernel(self):
         """The kernel, compiled on first use."""
         if self._kernel is None:
-            inputs, outputs, _ = source.KERNELS["decode"]
-            header, body = source.render("decode", self.backend)
-            build = getattr(mx.fast, f"{self.backend}_kernel")  # cuda_kernel / metal_kernel
-            self._kernel = build(name="velox_decode", input_names=inputs, output_names=outputs,
-                                 source=body, header=header)
+            self._kernel = self._compile("decode")
         return self._kernel
+
+    def _compile(self, name: str):
+        """``source.KERNELS[name]`` with this backend's wrapper (cuda_kernel / metal_kernel)."""
+        inputs, outputs, _ = source.KERNELS[name]
+        header, body = source.render(name, self.backend)
+        return getattr(mx.fast, f"{self.backend}_kernel")(name=f"velox_{name}", input_names=inputs,
+                                                           output_names=outputs, source=body, header=header)
 
     def tokens_per_block(self, n: int, groups: int, rep: int) -> int:
         """T: a power of two in [64, ps_budget / R] giving about target_blocks blocks (fewer,
@@ -200,10 +203,7 @@ class FusedDecode:
         (kw, kn), (vw, vn) = key_parts, value_parts
         B, H, _, D = keys.shape
         if self._append is None:
-            inputs, outputs, _ = source.KERNELS["append"]
-            header, body = source.render("append", self.backend)
-            self._append = getattr(mx.fast, f"{self.backend}_kernel")(
-                name="velox_append", input_names=inputs, output_names=outputs, source=body, header=header)
+            self._append = self._compile("append")
         done = self._append(
             # the slot reaches the kernel as an input's length (a prefix view, no host->device copy)
             inputs=[keys, values, kt.mean, kt.rotation if kt.signs is None else kt.signs, kt.scale, kt.boundaries,
