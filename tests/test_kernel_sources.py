@@ -91,14 +91,14 @@ def mlx_cuda_source(inputs: list[str], input_types: list[str], outputs: list[str
             + ",\n".join(args) + ") {\n" + consts + body + "\n}\n}}}\n")
 
 
-def nvrtc_compile(src: str) -> tuple[int, str]:
-    """(NVRTC's result, its log) of compiling src for sm_90."""
+def nvrtc_compile(src: str, arch: str = "compute_90") -> tuple[int, str]:
+    """(NVRTC's result, its log) of compiling src for arch (sm_90 by default)."""
     import ctypes
 
     lib, include = _nvrtc()
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"decode.cu", 0, None, None) == 0
-    opts = [b"--gpu-architecture=compute_90", b"--std=c++17", b"-I" + str(include).encode()]
+    opts = [b"--gpu-architecture=" + arch.encode(), b"--std=c++17", b"-I" + str(include).encode()]
     rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
@@ -113,12 +113,13 @@ DECODE_INPUT_TYPES = {"q": "float16", "kw": "uint32", "vw": "uint32", "kn": "flo
 
 
 def test_cuda_decode_kernel_compiles_with_nvrtc():
-    """The template combinations the dispatcher launches compile for an sm_90 GPU, on any machine:
-    the parity tests need MLX's CUDA backend, this catches a broken body before that."""
+    """The template combinations the dispatcher launches compile for an sm_90 GPU (tensor-core
+    passes) and, for two of them, an sm_75 one (CUDA-core passes), on any machine: the parity tests
+    need MLX's CUDA backend, this catches a broken body before that."""
     import itertools
 
     inputs, outputs, _ = source.KERNELS["decode"]
-    header, body = source.render("decode", "cuda")
+    header, body = (source.compact(x) for x in source.render("decode", "cuda"))  # as FusedDecode compiles it
     input_types = [DECODE_INPUT_TYPES.get(n, "float32") for n in inputs]
     combos = [(r, d, cpt, kb, vb) for r, d, cpt in [(4, 128, 16), (3, 64, 16), (8, 128, 8)]
               for kb, vb in [(4, 4), (2, 4), (2, 2)] if cpt * min(kb, vb) % 32 == 0]
@@ -129,16 +130,19 @@ def test_cuda_decode_kernel_compiles_with_nvrtc():
         (R, D, CPT, KB, VB), (shared, had, (rotate, finish, sinks)) = combos[i % len(combos)], variants[i % len(variants)]
         template = dict(R=R, D=D, T=256, CPT=CPT, KB=KB, VB=VB, KSH=shared, VSH=shared, PF=4, ROTATE=rotate,
                         HAD=had, FINISH=finish, HAS_SINKS=sinks, OT="float16" if finish else "float32")
-        rc, log = nvrtc_compile(mlx_cuda_source(inputs, input_types, outputs, [template["OT"]] + ["float32"] * 3,
-                                                header, body, template))
+        src = mlx_cuda_source(inputs, input_types, outputs, [template["OT"]] + ["float32"] * 3, header, body, template)
+        rc, log = nvrtc_compile(src)
         assert rc == 0, (template, log[:3000])
+        if i < 2:  # before sm_80 (no mma.m16n8k16) the scores and values passes run on CUDA cores, as on Metal
+            rc, log = nvrtc_compile(src, "compute_75")
+            assert rc == 0, (template, log[:3000])
 
 
 def test_cuda_append_kernel_compiles_with_nvrtc():
     """The append kernel (one token's codes written into the cache in place) compiles for sm_90
     with every width the dispatcher sends it, dense and Walsh-Hadamard rotations, and each input dtype."""
     inputs, outputs, _ = source.KERNELS["append"]
-    header, body = source.render("append", "cuda")
+    header, body = (source.compact(x) for x in source.render("append", "cuda"))
     types = {"kw": "uint32", "vw": "uint32", "kn": "float16", "vn": "float16", "slot": "float16"}
     for D, KB, VB, KHAD, VHAD, x in [(128, 4, 4, True, True, "float16"), (64, 2, 4, False, True, "bfloat16"),
                                      (128, 8, 1, True, False, "float32"), (64, 4, 2, False, False, "float16")]:

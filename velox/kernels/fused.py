@@ -83,8 +83,10 @@ def tables(codec) -> CodecTables:
 
 @lru_cache(maxsize=None)
 def _scalar(value: float) -> mx.array:
-    """A float32 [1] device array, made once per value (not a host->device copy per step)."""
-    a = mx.array([value], dtype=mx.float32)
+    """A float32 [4] device array holding value first, made once per value (not a host->device copy
+    per step). Four, not one: MLX's CUDA allocator puts arrays of <= 8 bytes in one managed pool
+    that every Python scalar of a step is written into from the CPU."""
+    a = mx.array([value] * 4, dtype=mx.float32)
     mx.eval(a)
     return a
 
@@ -132,7 +134,7 @@ class FusedDecode:
     def _compile(self, name: str):
         """``source.KERNELS[name]`` with this backend's wrapper (cuda_kernel / metal_kernel)."""
         inputs, outputs, _ = source.KERNELS[name]
-        header, body = source.render(name, self.backend)
+        header, body = (source.compact(x) for x in source.render(name, self.backend))
         return getattr(mx.fast, f"{self.backend}_kernel")(name=f"velox_{name}", input_names=inputs,
                                                            output_names=outputs, source=body, header=header)
 
@@ -175,7 +177,7 @@ class FusedDecode:
                       ("ROTATE", scale is not None), ("HAD", had), ("FINISH", finish),
                       ("HAS_SINKS", sinks is not None), ("OT", out_dtype)],
             grid=(n_split * THREADS, n_kv, B), threadgroup=(THREADS, 1, 1),
-            output_shapes=[(B, n_kv * R, 1, D) if finish else (B, n_kv, R, D), (1,) if finish else (B, n_kv, 2, R),
+            output_shapes=[(B, n_kv * R, 1, D) if finish else (B, n_kv, R, D), (4,) if finish else (B, n_kv, 2, R),
                            (B, n_kv, n_split, 2, R), (B, n_kv, n_split, R, D)],
             output_dtypes=[out_dtype, mx.float32, mx.float32, mx.float32])[:2]
         self._chain = out
@@ -194,7 +196,7 @@ class FusedDecode:
                key_parts: list[mx.array], value_parts: list[mx.array], slot: int) -> mx.array:
         """Encode keys/values [B, H, 1, D] (``ScalarCodec.encode``) straight into slot ``slot`` of
         the cache buffers key_parts / value_parts ([words [B, H, N, W] uint32, norms [B, H, N]
-        float16], N > slot), in place, in one launch. Returns the launch's output [1].
+        float16], N > slot), in place, in one launch. Returns the launch's output [4].
 
         MLX orders GPU work by the arrays a node outputs, and these writes go to inputs: the
         launch joins the chain (see ``_launch``), so the next decode launch waits for it; any
@@ -213,7 +215,7 @@ class FusedDecode:
                       ("VHAD", vt.signs is not None), ("KNB", kt.boundaries.shape[-1]),
                       ("VNB", vt.boundaries.shape[-1]), ("NDT", kn.dtype)],
             grid=(THREADS, H, 2 * B), threadgroup=(THREADS, 1, 1),
-            output_shapes=[(1,)], output_dtypes=[mx.float32])[0]
+            output_shapes=[(4,)], output_dtypes=[mx.float32])[0]  # (4,): see _scalar
         self._chain = done
         return done
 
