@@ -171,3 +171,13 @@ def test_kernel_timeline_instruments_the_current_body():
         ["float16", "float32", "float32", "float32", "uint64"], source.render("decode", "cuda")[0] + timeline.TICK,
         source.CUDA.index + body, template))
     assert rc == 0, log[:3000]
+
+
+def test_kernel_scalars_stay_out_of_mlx_small_pool():
+    """Scalars the kernels read (the softmax scale) are > 8 bytes: MLX's CUDA allocator puts arrays
+    of <= 8 bytes in one managed pool that the CPU writes every Python scalar into, and a kernel
+    reading from it stalled ~10 µs per launch on the H200 (the query-rotation phase: 10.8 -> 0.3 µs)."""
+    from velox.kernels import fused
+
+    s = fused._scalar(0.125)
+    assert s.nbytes > 8 and s[0].item() == 0.125
