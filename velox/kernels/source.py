@@ -191,9 +191,11 @@ DECODE = r"""
     // PF tokens loaded ahead per thread, ROTATE, FINISH, HAS_SINKS, OT (see the module doc).
     constexpr int NT = 128;
     constexpr int NWARPS = NT / 32;
-    constexpr int LPT = D / CPT;                // lanes per token
-    constexpr int TL = NT / LPT;                // token lanes
+#ifndef VX_MMA
+    constexpr int LPT = D / CPT;                // CUDA-core passes: lanes per token,
+    constexpr int TL = NT / LPT;                // token lanes,
     constexpr int KWT = CPT * KB / 32, VWT = CPT * VB / 32;  // words per thread and token
+#endif
     constexpr int WK = D * KB / 32, WV = D * VB / 32;        // words per token
     constexpr int KNL = 1 << KB, VNL = 1 << VB;              // levels per codebook
     constexpr int KTAB = KSH ? KNL * 32 : (D / 8) * (8 * KNL + 1);
@@ -275,40 +277,10 @@ DECODE = r"""
     }
     VX_BARRIER();
 
-    const int lt = tid % LPT;                   // this thread's slice of a token
-    const int cb = lt * CPT;                    // its first coordinate
-    const int tl = tid / LPT;
-    // Macros, not functions: Metal has no lambdas, and a function would need the tables' and
-    // registers' address spaces spelled per backend.
-    // PF tokens' words (NW per thread, WTOK per token) and norms, from batch i0 on: zeros past n
-    #define VX_LOAD_BATCH(words, norms, wbuf, nbuf, NW, WTOK, i0) do {                        \
-        _Pragma("unroll")                                                                  \
-        for (int p_ = 0; p_ < PF; p_++) {                                                  \
-            const int t_ = t0 + tl + ((i0) + p_) * TL;                                     \
-            if (t_ < n) {                                                                  \
-                VX_LOAD_WORDS((words) + (bh * N + t_) * (WTOK) + lt * (NW), (wbuf)[p_], NW); \
-                (nbuf)[p_] = vx_to_float((norms)[bh * N + t_]);                            \
-            } else {                                                                       \
-                for (int w_ = 0; w_ < (NW); w_++) (wbuf)[p_][w_] = 0u;                     \
-                (nbuf)[p_] = 0.f;                                                          \
-            }                                                                              \
-        }                                                                                  \
-    } while (0)
-    // wd, nm := the loaded batch (nwd, nnm); then start loading the batch after it
-    #define VX_NEXT_BATCH(words, norms, NW, WTOK) do {                                        \
-        _Pragma("unroll")                                                                  \
-        for (int p_ = 0; p_ < PF; p_++) {                                                  \
-            nm[p_] = nnm[p_];                                                              \
-            for (int w_ = 0; w_ < (NW); w_++) wd[p_][w_] = nwd[p_][w_];                    \
-        }                                                                                  \
-        if (i0 + PF < T / TL) VX_LOAD_BATCH(words, norms, nwd, nnm, NW, WTOK, i0 + PF);    \
-    } while (0)
-    // code j of this thread's words wd; the level of code c of coordinate d in table tab; the
-    // level of code c of this thread's coordinate j (0 <= j < CPT)
+    // code j of this thread's words wd; the level of code c of coordinate d in table tab
     #define VX_CODE(wd, j, BITS) (((wd)[(j) * (BITS) / 32] >> (((j) * (BITS)) % 32)) & ((1u << (BITS)) - 1u))
     #define VX_LV(tab, SH, NL, d, c) \
         (SH ? (tab)[((c) << 5) | lane] : (tab)[((d) / 8) * (8 * (NL) + 1) + ((d) % 8) * (NL) + (c)])
-    #define VX_LEVEL(tab, SH, NL, j, c) VX_LV(tab, SH, NL, cb + (j), c)
 #ifdef VX_MMA
     // Tensor-core passes: each warp takes 16-token tiles (warp, warp + NWARPS, ...) with PFT tiles'
     // loads in flight: NTOK tokens per lane, token u (u_ in TOK) of a tile, NW words from word
@@ -401,6 +373,37 @@ DECODE = r"""
         });
     }
 #else
+    const int lt = tid % LPT;                   // this thread's slice of a token
+    const int cb = lt * CPT;                    // its first coordinate
+    const int tl = tid / LPT;
+    // Macros, not functions: Metal has no lambdas, and a function would need the tables' and
+    // registers' address spaces spelled per backend.
+    // PF tokens' words (NW per thread, WTOK per token) and norms, from batch i0 on: zeros past n
+    #define VX_LOAD_BATCH(words, norms, wbuf, nbuf, NW, WTOK, i0) do {                        \
+        _Pragma("unroll")                                                                  \
+        for (int p_ = 0; p_ < PF; p_++) {                                                  \
+            const int t_ = t0 + tl + ((i0) + p_) * TL;                                     \
+            if (t_ < n) {                                                                  \
+                VX_LOAD_WORDS((words) + (bh * N + t_) * (WTOK) + lt * (NW), (wbuf)[p_], NW); \
+                (nbuf)[p_] = vx_to_float((norms)[bh * N + t_]);                            \
+            } else {                                                                       \
+                for (int w_ = 0; w_ < (NW); w_++) (wbuf)[p_][w_] = 0u;                     \
+                (nbuf)[p_] = 0.f;                                                          \
+            }                                                                              \
+        }                                                                                  \
+    } while (0)
+    // wd, nm := the loaded batch (nwd, nnm); then start loading the batch after it
+    #define VX_NEXT_BATCH(words, norms, NW, WTOK) do {                                        \
+        _Pragma("unroll")                                                                  \
+        for (int p_ = 0; p_ < PF; p_++) {                                                  \
+            nm[p_] = nnm[p_];                                                              \
+            for (int w_ = 0; w_ < (NW); w_++) wd[p_][w_] = nwd[p_][w_];                    \
+        }                                                                                  \
+        if (i0 + PF < T / TL) VX_LOAD_BATCH(words, norms, nwd, nnm, NW, WTOK, i0 + PF);    \
+    } while (0)
+    // the level of code c of this thread's coordinate j (0 <= j < CPT)
+    #define VX_LEVEL(tab, SH, NL, j, c) VX_LV(tab, SH, NL, cb + (j), c)
+
     // 1. scores
     {
         float qr[R][CPT];
