@@ -9,7 +9,7 @@ import pytest
 
 import velox
 from velox import kernels
-from velox.kernels import metal, reference
+from velox.kernels import cpu, metal, reference
 from velox.methods import get_method, ratequant, scalar, turboquant_mse
 from velox.methods.base import LayerSpec
 from velox.methods.scalar import PackLayout, ScalarCodec, pack, unpack
@@ -250,15 +250,20 @@ KERNEL_CASES += [(hq, hkv, d, n, case, kb, vb) for hq, hkv, d in [(9, 3, 64), (3
 
 
 @pytest.mark.parametrize("backend", [
+    pytest.param("cpu", marks=pytest.mark.skipif(kernels.backend() != "cpu" or cpu.library() is None,
+                                                  reason="needs MLX's CPU backend and a C compiler")),
     pytest.param("cuda", marks=pytest.mark.skipif(kernels.backend() != "cuda", reason="needs MLX's CUDA backend")),
     pytest.param("metal", marks=pytest.mark.skipif(not (mx.metal.is_available() and metal._METAL_3_2),
                                                     reason="needs Apple silicon, macOS 15 (Metal 3.2)")),
 ])
 @pytest.mark.parametrize("hq,hkv,d,n,case,key_bits,value_bits", KERNEL_CASES)
 def test_kernel_matches_reference(backend, hq, hkv, d, n, case, key_bits, value_bits):
-    """Decode over n coded tokens with the backend's kernel. plain: codes only (decode, shared
+    """Decode over n coded tokens with the backend's kernel (cpu: the C partial inside the
+    reference). plain: codes only (decode, shared
     codebook); calibrated: + per-coordinate codebooks, means, attention sinks, batch 2, float16
     queries; fp16_regions: + fp16 sink/window tokens (coded_partial merged by the reference)."""
+    if backend == "cpu" and n > 1000:
+        pytest.skip("the CPU kernel's tiles are the same at any length; 20000 tokens only cost CI time")
     fused = importlib.import_module(f"velox.kernels.{backend}")
     kc, vc = turboquant_mse.make_codec(hkv, d, key_bits, 0), turboquant_mse.make_codec(hkv, d, value_bits, 1)
     B, sink, window, dtype = 1, 0, 0, mx.float32
@@ -376,7 +381,8 @@ def test_cache_settles_appends_before_mx_ops_read_the_buffers(monkeypatch, dispa
         if i == 1:
             q = rand((1, HQ, 1, D), 5)
             got = fast.attend(q, None, None, scale=D**-0.5)
-            assert (fast.unsettled is None) == (kernels._fused_for(q, fast.compressed(), None) is None)
+            on_gpu_kernel = kernels._fused_for(q, fast.compressed(), None) is not None and kernels.backend() != "cpu"
+            assert (fast.unsettled is None) != on_gpu_kernel
             close(got, plain.attend(q, *plain.fetch(), scale=D**-0.5))
         if i == 2:
             for a, b in zip(fast.fetch(), plain.fetch()):
@@ -385,3 +391,26 @@ def test_cache_settles_appends_before_mx_ops_read_the_buffers(monkeypatch, dispa
     assert fast.unsettled is None and fast.coded == 8
     for a, b in zip(state[0] + state[1], plain.state[0] + plain.state[1]):
         assert mx.array_equal(a, b).item()
+
+
+def test_cpu_kernel_falls_back_to_mx_ops(monkeypatch, tmp_path):
+    """No C kernel on the CPU (VELOX_CPU_KERNEL=0, or a compiler that fails): attention runs the
+    mx reference, a failed build says so once and leaves no library behind."""
+    monkeypatch.setenv("VELOX_CACHE_DIR", str(tmp_path))
+    cache = make_cache(fast=True)
+    cache.update_and_fetch(rand((1, HKV, 40, D), 1), rand((1, HKV, 40, D), 2))
+    q = rand((1, HQ, 1, D), 3)
+    try:
+        monkeypatch.setenv("VELOX_CPU_KERNEL", "0")
+        cpu.library.cache_clear()
+        assert cpu.library() is None and not cpu.supports(q, cache.compressed(), None)
+        monkeypatch.setenv("VELOX_CPU_KERNEL", "1")
+        monkeypatch.setenv("CC", "false")  # a compiler that always fails
+        cpu.library.cache_clear()
+        with pytest.warns(UserWarning, match="could not compile"):
+            assert cpu.library() is None
+        assert not any((tmp_path / "kernels").iterdir())
+        if kernels.backend() == "cpu":
+            assert kernels._fused_for(q, cache.compressed(), None) is None
+    finally:
+        cpu.library.cache_clear()

@@ -1,13 +1,14 @@
 """Compressed-domain attention: one dispatch point over the backends.
 
-``attend`` picks a custom kernel for the running backend when one exists for the
-cache's codecs and shapes, and otherwise runs the pure-mx reference
-(``reference.attend``), which is also what MLX's CPU backend always gets (custom
-kernels do not run there). The kernels (``source``) are written once and compiled per backend:
-``cuda`` with ``mx.fast.cuda_kernel``, ``metal`` with ``mx.fast.metal_kernel``; they take
-ScalarCodec (turboquant_mse) keys and values only, every other codec runs the reference.
+``attend`` picks a kernel for the running backend when one exists for the cache's codecs and
+shapes, and otherwise runs the pure-mx reference (``reference.attend``). The GPU kernels
+(``source``) are written once and compiled per backend: ``cuda`` with ``mx.fast.cuda_kernel``,
+``metal`` with ``mx.fast.metal_kernel``. MLX's CPU backend runs no custom kernels: there
+``cpu`` computes the coded tokens' partial with a C function compiled on first use
+(``cpu_decode.c``) and the reference does the rest. All take ScalarCodec (turboquant_mse) keys
+and values only; every other codec runs the reference.
 ``append`` encodes a decode step's key and value into a cache's code buffers in place, in one
-launch ordered before the next decode launch.
+launch ordered before the next decode launch (GPU only).
 """
 
 from __future__ import annotations
@@ -42,9 +43,8 @@ def _fused_module(name: str):
 
 
 def _kernel_backend(key_codec, value_codec) -> Optional[str]:
-    """The backend whose custom kernels take this codec pair (ScalarCodec keys and values), else None."""
-    name = backend()
-    return name if name != "cpu" and type(key_codec) is ScalarCodec and type(value_codec) is ScalarCodec else None
+    """The backend whose kernels take this codec pair (ScalarCodec keys and values), else None."""
+    return backend() if type(key_codec) is ScalarCodec and type(value_codec) is ScalarCodec else None
 
 
 def _fused_for(queries: mx.array, kv: CompressedKV, mask: Mask):
@@ -61,9 +61,9 @@ def attend(queries: mx.array, kv: CompressedKV, scale: float, mask: Mask = None,
     (semantics of ``mx.fast.scaled_dot_product_attention`` on the decoded cache).
     on_reference: called before mx ops (not a kernel chained after ``append``'s) read the codes."""
     kernel = _fused_for(queries, kv, mask)
+    if on_reference is not None and (kernel is None or backend() == "cpu"):
+        on_reference()  # the CPU kernel reads evaluated arrays, as mx ops do
     if kernel is None:
-        if on_reference is not None:
-            on_reference()
         return reference_attend(queries, kv, scale=scale, mask=mask, sinks=sinks)
     if kv.sink is None and kv.recent is None:  # codes only: the whole step in one launch
         return kernel.decode(queries, kv, scale, sinks)
@@ -78,6 +78,6 @@ def append(keys: mx.array, values: mx.array, key_codec, value_codec, key_parts: 
     output, which must be evaluated before anything but the decode kernel reads the buffers,
     or None where no kernel applies (the caller encodes with mx ops)."""
     name = _kernel_backend(key_codec, value_codec)
-    if name is None or not fused.append_supports(keys, key_codec, value_codec):
-        return None
+    if name in (None, "cpu") or not fused.append_supports(keys, key_codec, value_codec):
+        return None  # on the CPU the mx ops encode (one token: no gather to avoid)
     return _fused_module(name).append(keys, values, key_codec, value_codec, key_parts, value_parts, slot)
