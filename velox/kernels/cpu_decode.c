@@ -143,6 +143,10 @@ static inline void tile_axpy(const float* y, const float* x, int D, float* acc) 
 #endif
 }
 
+/* Cephes' expf polynomial: exp(r) ≈ 1 + r + r²·p(r) for |r| ≤ ln 2 / 2, p's coefficients from the highest */
+static const float EXP_POLY[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                  4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 /* s[t] = exp(s[t] − m) for t < n; returns their sum. */
 static inline float exp_shift_sum(float* s, int n, float m) {
     float l = 0.f;
@@ -158,12 +162,8 @@ static inline float exp_shift_sum(float* s, int n, float m) {
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
         r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-        __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+        __m512 p = _mm512_set1_ps(EXP_POLY[0]);
+        for (int i = 1; i < 6; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_POLY[i]));
         p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, one));
         const __m512 e = _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, k));
         _mm512_mask_storeu_ps(s + t, live, e);
@@ -182,12 +182,8 @@ static inline float exp_shift_sum(float* s, int n, float m) {
                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
         r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
-        __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+        __m256 p = _mm256_set1_ps(EXP_POLY[0]);
+        for (int i = 1; i < 6; i++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_POLY[i]));
         p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
         const __m256 two_k = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k),
                                                                                       _mm256_set1_epi32(127)), 23));

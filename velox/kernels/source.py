@@ -277,6 +277,17 @@ DECODE = r"""
     }
     VX_BARRIER();
 
+    // token t's NW words (from word WOFF of the token) into wdst and its norm into ndst; zeros past n
+    #define VX_LOAD_TOKEN(words, norms, wdst, ndst, NW, WTOK, WOFF, t) do {                   \
+        const int t_ = (t);                                                                \
+        if (t_ < n) {                                                                      \
+            VX_LOAD_WORDS((words) + (bh * N + t_) * (WTOK) + (WOFF), wdst, NW);            \
+            ndst = vx_to_float((norms)[bh * N + t_]);                                      \
+        } else {                                                                           \
+            for (int w_ = 0; w_ < (NW); w_++) (wdst)[w_] = 0u;                             \
+            ndst = 0.f;                                                                    \
+        }                                                                                  \
+    } while (0)
     // code j of this thread's words wd; the level of code c of coordinate d in table tab
     #define VX_CODE(wd, j, BITS) (((wd)[(j) * (BITS) / 32] >> (((j) * (BITS)) % 32)) & ((1u << (BITS)) - 1u))
     #define VX_LV(tab, SH, NL, d, c) \
@@ -287,16 +298,8 @@ DECODE = r"""
     // WOFF of each, and its norm; zeros past n.
     #define VX_LOAD_TILE(words, norms, wbuf, nbuf, NW, WTOK, WOFF, NTOK, TOK, tile) do {          \
         _Pragma("unroll")                                                                  \
-        for (int u_ = 0; u_ < (NTOK); u_++) {                                              \
-            const int t_ = t0 + (tile) * 16 + (TOK);                                       \
-            if (t_ < n) {                                                                  \
-                VX_LOAD_WORDS((words) + (bh * N + t_) * (WTOK) + (WOFF), (wbuf)[u_], NW);   \
-                (nbuf)[u_] = vx_to_float((norms)[bh * N + t_]);                            \
-            } else {                                                                       \
-                for (int w_ = 0; w_ < (NW); w_++) (wbuf)[u_][w_] = 0u;                     \
-                (nbuf)[u_] = 0.f;                                                          \
-            }                                                                              \
-        }                                                                                  \
+        for (int u_ = 0; u_ < (NTOK); u_++)                                                \
+            VX_LOAD_TOKEN(words, norms, (wbuf)[u_], (nbuf)[u_], NW, WTOK, WOFF, t0 + (tile) * 16 + (TOK)); \
     } while (0)
     // the loop over this warp's tiles, running the body (...) with w, nm holding tile `tile` while
     // ring slot p_ loads the tile PFT on
@@ -381,16 +384,8 @@ DECODE = r"""
     // PF tokens' words (NW per thread, WTOK per token) and norms, from batch i0 on: zeros past n
     #define VX_LOAD_BATCH(words, norms, wbuf, nbuf, NW, WTOK, i0) do {                        \
         _Pragma("unroll")                                                                  \
-        for (int p_ = 0; p_ < PF; p_++) {                                                  \
-            const int t_ = t0 + tl + ((i0) + p_) * TL;                                     \
-            if (t_ < n) {                                                                  \
-                VX_LOAD_WORDS((words) + (bh * N + t_) * (WTOK) + lt * (NW), (wbuf)[p_], NW); \
-                (nbuf)[p_] = vx_to_float((norms)[bh * N + t_]);                            \
-            } else {                                                                       \
-                for (int w_ = 0; w_ < (NW); w_++) (wbuf)[p_][w_] = 0u;                     \
-                (nbuf)[p_] = 0.f;                                                          \
-            }                                                                              \
-        }                                                                                  \
+        for (int p_ = 0; p_ < PF; p_++)                                                    \
+            VX_LOAD_TOKEN(words, norms, (wbuf)[p_], (nbuf)[p_], NW, WTOK, lt * (NW), t0 + tl + ((i0) + p_) * TL); \
     } while (0)
     // wd, nm := the loaded batch (nwd, nnm); then start loading the batch after it
     #define VX_NEXT_BATCH(words, norms, NW, WTOK) do {                                        \
@@ -574,6 +569,7 @@ DECODE = r"""
 #endif
     #undef VX_CODE
     #undef VX_LV
+    #undef VX_LOAD_TOKEN
 #ifdef VX_MMA
     #undef VX_LOAD_TILE
     #undef VX_FOR_TILES
