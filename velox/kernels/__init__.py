@@ -39,7 +39,7 @@ def backend() -> str:
 
 @lru_cache(maxsize=None)
 def _fused_module(name: str):
-    return importlib.import_module(f".{name}", __name__)  # velox.kernels.cuda / .metal
+    return importlib.import_module(f".{name}", __name__)  # velox.kernels.cuda / .metal / .cpu
 
 
 def _kernel_backend(key_codec, value_codec) -> Optional[str]:
