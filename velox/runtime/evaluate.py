@@ -48,6 +48,8 @@ def evaluate(folder: Path, methods: list[str], baselines: list[str], text: str, 
     from ..methods import METHODS
     from .loader import install_kv_caches, read_kv_quant
 
+    if n_tokens < max(window, 256):  # a teacher-forced window, and a 256-token cache step for bytes/token
+        raise ValueError(f"--tokens ({n_tokens}) must be at least --window ({window}) and at least 256")
     model, tok = mlx_lm.load(str(folder))
     float32_on_cpu(model)
     kvq = validate_kv_quant(read_kv_quant(folder), len(model.layers), set(METHODS))
@@ -55,7 +57,8 @@ def evaluate(folder: Path, methods: list[str], baselines: list[str], text: str, 
     if len(ids) < min(n_tokens, window):
         raise ValueError(f"evaluation text has {len(ids)} tokens; at least {window} are needed")
     ids = ids[:n_tokens]
-    acts = capture(model, ids[None, :512], progress=False)
+    fidelity_tokens = min(512, len(ids))  # attention fidelity on the first (up to) 512 tokens
+    acts = capture(model, ids[None, :fidelity_tokens], progress=False)
     factories = {b: mlx_baseline_cache(model, b) for b in baselines}
     for m in methods:
         install_kv_caches(model, folder, kvq, m)
@@ -73,7 +76,7 @@ def evaluate(folder: Path, methods: list[str], baselines: list[str], text: str, 
             "mean_nll": res.mean_nll, "ppl": res.ppl, "scored_tokens": res.tokens,
             "delta_ppl": res.ppl / ref.ppl - 1, "delta_ppl_ci95": bootstrap_delta(res.nll, ref.nll),
             "bytes_per_token": bpt, "max_context_in_budget": int(budget_gb * 1e9 // bpt),
-            "attention": attention_fidelity(acts, make_cache),
+            "attention": attention_fidelity(acts, make_cache, length=fidelity_tokens),
         }
         if passkey_lengths:
             run["passkey"] = passkey_accuracy(model, tok, make_cache, text, lengths=passkey_lengths)
