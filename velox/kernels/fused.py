@@ -12,8 +12,9 @@ cache's buffers in place (one launch instead of a dozen small ops and four slice
 
 from __future__ import annotations
 
+import weakref
 from functools import lru_cache
-from typing import NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -154,32 +155,23 @@ class FusedDecode:
         in out_dtype, -], else [acc [B, Hkv, R, D], ml [B, Hkv, 2, R]] (merged value sum, max
         and Σ exp)."""
         (kw, kn), (vw, vn) = kv.keys, kv.values
-        kt, vt = tables(kv.key_codec), tables(kv.value_codec)
         B, n_kv, _ = kn.shape
         D = q.shape[-1]
         n = kv.n_coded
         T = self.tokens_per_block(n, B * n_kv, R)
-        cpt = _coords_per_thread(R)
+        plan = _plan(kv.key_codec, kv.value_codec, R, D, T, scale, finish, sinks is not None, out_dtype)
         n_split = -(-n // T)
         if self._counter.size < B * n_kv:
             self._counter = mx.zeros((max(1024, B * n_kv),), mx.uint32)
             mx.eval(self._counter)
-        dummy = _scalar(0.0)
-        had = kt.signs is not None and vt.signs is not None
-        rotation = [kt.signs if had else kt.rotation, kt.scale, kt.mean, _scalar(scale)] if scale else [dummy] * 4
-        finish_tables = [vt.scale, vt.mean, vt.signs if had else vt.rotation_t] if finish else [dummy] * 3
         out, ml = self.kernel()(
             # n reaches the kernel as an input's length: a contiguous prefix view, no host->device copy
-            inputs=[q, q_mean, *rotation, kw, kn, vw, vn, kt.levels, vt.levels, kn[0, 0, :n],
-                    dummy if sinks is None else sinks, *finish_tables, self._counter, self._chain],
-            template=[("R", R), ("D", D), ("T", T), ("CPT", cpt), ("KB", kt.bits), ("VB", vt.bits),
-                      ("KSH", kt.shared), ("VSH", vt.shared), ("PF", min(4, T * D // (cpt * THREADS))),
-                      ("ROTATE", scale is not None), ("HAD", had), ("FINISH", finish),
-                      ("HAS_SINKS", sinks is not None), ("OT", out_dtype)],
-            grid=(n_split * THREADS, n_kv, B), threadgroup=(THREADS, 1, 1),
+            inputs=[q, q_mean, *plan.rotation, kw, kn, vw, vn, *plan.levels, kn[0, 0, :n],
+                    plan.dummy if sinks is None else sinks, *plan.finish, self._counter, self._chain],
+            template=plan.template, grid=(n_split * THREADS, n_kv, B), threadgroup=(THREADS, 1, 1),
             output_shapes=[(B, n_kv * R, 1, D) if finish else (B, n_kv, R, D), (4,) if finish else (B, n_kv, 2, R),
                            (B, n_kv, n_split, 2, R), (B, n_kv, n_split, R, D)],
-            output_dtypes=[out_dtype, mx.float32, mx.float32, mx.float32])[:2]
+            output_dtypes=plan.output_dtypes)[:2]
         self._chain = out
         return [out, ml]
 
@@ -225,6 +217,46 @@ class FusedDecode:
         queries [B, Hq, 1, D] -> [B, Hq, 1, D] in the queries' dtype, in one launch."""
         R = queries.shape[1] // kv.key_codec.levels.shape[0]
         return self._launch(queries, _scalar(0.0), kv, R, scale, True, sinks, queries.dtype)[0]
+
+
+class LaunchPlan(NamedTuple):
+    """A decode launch's arguments that stay the same from step to step (``_plan``)."""
+
+    value_codec: Callable[[], Any]  # a weak reference to the value codec the plan was built for
+    rotation: list             # the query's rotation into the key basis (or placeholders)
+    levels: list               # key levels, value levels
+    finish: list               # the output's rotation back (or placeholders)
+    dummy: mx.array            # the placeholder input
+    template: list
+    output_dtypes: list
+
+
+def _plan(key_codec, value_codec, R: int, D: int, T: int, scale: Optional[float], finish: bool,
+          has_sinks: bool, out_dtype: mx.Dtype) -> LaunchPlan:
+    """The launch plan for these codecs and settings, built once (a decode step's Python cost is
+    on the CPU's critical path: rebuilding these lists took ~5 µs per call)."""
+    plans = per_codec(key_codec, "launch plans", lambda c: {})
+    key = (id(value_codec), R, D, T, scale, finish, has_sinks, out_dtype)
+    plan = plans.get(key)
+    if plan is not None and plan.value_codec() is value_codec:  # not a dead codec's id, reused
+        return plan
+    kt, vt = tables(key_codec), tables(value_codec)
+    dummy = _scalar(0.0)
+    had = kt.signs is not None and vt.signs is not None
+    cpt = _coords_per_thread(R)
+    plan = LaunchPlan(
+        value_codec=weakref.ref(value_codec),
+        rotation=[kt.signs if had else kt.rotation, kt.scale, kt.mean, _scalar(scale)] if scale else [dummy] * 4,
+        levels=[kt.levels, vt.levels],
+        finish=[vt.scale, vt.mean, vt.signs if had else vt.rotation_t] if finish else [dummy] * 3,
+        dummy=dummy,
+        template=[("R", R), ("D", D), ("T", T), ("CPT", cpt), ("KB", kt.bits), ("VB", vt.bits),
+                  ("KSH", kt.shared), ("VSH", vt.shared), ("PF", min(4, T * D // (cpt * THREADS))),
+                  ("ROTATE", scale is not None), ("HAD", had), ("FINISH", finish),
+                  ("HAS_SINKS", has_sinks), ("OT", out_dtype)],
+        output_dtypes=[out_dtype, mx.float32, mx.float32, mx.float32])
+    plans[key] = plan
+    return plan
 
 
 def append_supports(keys: mx.array, key_codec, value_codec) -> bool:

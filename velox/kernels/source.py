@@ -191,6 +191,7 @@ DECODE = r"""
     // PF tokens loaded ahead per thread, ROTATE, FINISH, HAS_SINKS, OT (see the module doc).
     constexpr int NT = 128;
     constexpr int NWARPS = NT / 32;
+    static_assert(NT % D == 0, "a thread's elements of the [R, D] rows share one coordinate, tid % D");
 #ifndef VX_MMA
     constexpr int LPT = D / CPT;                // CUDA-core passes: lanes per token,
     constexpr int TL = NT / LPT;                // token lanes,
@@ -244,20 +245,28 @@ DECODE = r"""
         // HAD: R_k = diag(signs)·H/√D (turboquant's randomized Hadamard), rot holds the signs
         // [H, D] and q @ R_k is a Walsh-Hadamard transform in shared memory: no D×D matrix
         // read by every block.
+        // every global read of this phase issued together, before the first use: one round
+        // trip instead of four (the scale, then the signs, the mean, the per-coordinate scale).
+        // NT is a multiple of D, so this thread's elements i of the rows all have i % D = tid % D.
         VX_SHARED_PTR float* qs = ps + R * D + R;
         const float sm = softmax_scale[0];
-        for (int i = tid; i < R * D; i += NT)
-            qs[i] = vx_to_float(q[bh * R * D + i]) * (HAD ? rot[h * D + i % D] : 1.f);
+        const float sg = HAD ? rot[h * D + tid % D] : 1.f;
+        const float ksc = HAD ? k_scale[h * D + tid % D] : 0.f;
+        float km[D / 32];                       // q·mean's terms: coordinate lane + 32·k, signs folded in
+        #pragma unroll
+        for (int k = 0; k < D / 32; k++) km[k] = k_mean[h * D + lane + 32 * k] * (HAD ? rot[h * D + lane + 32 * k] : 1.f);
+        for (int i = tid; i < R * D; i += NT) qs[i] = vx_to_float(q[bh * R * D + i]) * sg;
         VX_BARRIER();
         for (int r = warp; r < R; r += NWARPS) {  // q·mean, from the raw rows (signs undone)
             float a = 0.f;
-            for (int k = lane; k < D; k += 32) a += qs[r * D + k] * (HAD ? rot[h * D + k] : 1.f) * k_mean[h * D + k];
+            #pragma unroll
+            for (int k = 0; k < D / 32; k++) a += qs[r * D + lane + 32 * k] * km[k];
             for (int off = 16; off > 0; off >>= 1) a += VX_SHFL_XOR(a, off);
             if (lane == 0) qmb[r] = a * sm;
         }
         if (HAD) {
             VX_FWHT(qs, R);
-            for (int i = tid; i < R * D; i += NT) qb[i] = qs[i] * (sm * INV_SQRT_D) * k_scale[h * D + i % D];
+            for (int i = tid; i < R * D; i += NT) qb[i] = qs[i] * (sm * INV_SQRT_D) * ksc;
         } else {
             for (int d = tid; d < D; d += NT) { // one column per thread, every row at once
                 float a[R];
@@ -329,6 +338,14 @@ DECODE = r"""
     } while (0)
     // code c of coordinate d as fp16 (hi, lo) in one word (VX_TAB_PUT), from table tab
     #define VX_HL(tab, SH, NL, d, c) (((VX_SHARED_PTR unsigned int*)(tab))[SH ? (((c) << 5) | lane) : ((d) / 8) * (8 * (NL) + 1) + ((d) % 8) * (NL) + (c)])
+    // VX_HL of code j of words wd. A lane-replicated table's byte offset, ((code << 5) | lane)·4,
+    // comes straight from the word: one shift, then one LOP3 for the mask and the lane (the
+    // passes are instruction-bound: this is 2 instructions per code where VX_CODE + VX_HL took 3)
+    #define VX_SHIFT_TO(x, from, to) ((from) <= (to) ? (x) << ((from) <= (to) ? (to) - (from) : 0) : (x) >> ((from) > (to) ? (from) - (to) : 0))
+    #define VX_HLW(tab, SH, NL, d, wd, j, BITS) (SH ? \
+        *(VX_SHARED_PTR unsigned int*)((VX_SHARED_PTR char*)(tab) + ((VX_SHIFT_TO((wd)[(j) * (BITS) / 32], ((j) * (BITS)) % 32, 7) & ((NL - 1u) << 7)) | lane4)) : \
+        VX_HL(tab, SH, NL, d, VX_CODE(wd, j, BITS)))
+    const unsigned int lane4 = (unsigned int)lane << 2;
     constexpr int PFT = T / 64 < 2 ? T / 64 : 2;    // tiles in flight per warp (of T / 64); 4: two waves at 64k (145 registers)
 
     // 1. scores on tensor cores: S [16 tokens, 8 query rows] += K [16 tokens, 16 coordinates] ·
@@ -356,8 +373,8 @@ DECODE = r"""
                 _Pragma("unroll")
                 for (int i = 0; i < 4; i++) {
                     const int j = 4 * kk + 2 * (i / 2);
-                    const unsigned int x = VX_HL(kt, KSH, KNL, c * KC + j, VX_CODE(w[i % 2], j, KB));
-                    const unsigned int y = VX_HL(kt, KSH, KNL, c * KC + j + 1, VX_CODE(w[i % 2], j + 1, KB));
+                    const unsigned int x = VX_HLW(kt, KSH, KNL, c * KC + j, w[i % 2], j, KB);
+                    const unsigned int y = VX_HLW(kt, KSH, KNL, c * KC + j + 1, w[i % 2], j + 1, KB);
                     hi[i] = __byte_perm(x, y, 0x5410);
                     lo[i] = __byte_perm(x, y, 0x7632);
                 }
@@ -497,8 +514,8 @@ DECODE = r"""
                 _Pragma("unroll")
                 for (int i = 0; i < 4; i++) {
                     const int j = 2 * mt + i % 2, u = 2 * (i / 2);
-                    const unsigned int x = VX_HL(vt, VSH, VNL, g * VC + j, VX_CODE(w[u], j, VB));
-                    const unsigned int y = VX_HL(vt, VSH, VNL, g * VC + j, VX_CODE(w[u + 1], j, VB));
+                    const unsigned int x = VX_HLW(vt, VSH, VNL, g * VC + j, w[u], j, VB);
+                    const unsigned int y = VX_HLW(vt, VSH, VNL, g * VC + j, w[u + 1], j, VB);
                     hi[i] = __byte_perm(x, y, 0x5410);
                     lo[i] = __byte_perm(x, y, 0x7632);
                 }
@@ -574,6 +591,8 @@ DECODE = r"""
     #undef VX_LOAD_TILE
     #undef VX_FOR_TILES
     #undef VX_HL
+    #undef VX_HLW
+    #undef VX_SHIFT_TO
 #endif
     VX_BARRIER();
     for (int e = tid; e < R * D; e += NT) {
@@ -590,23 +609,39 @@ DECODE = r"""
     VX_BARRIER();
     if (!last_block) return;
     if (tid == 0) VX_ATOMIC_RESET(counter + bh);  // every block has counted: zero for the next launch
+    // the output's per-coordinate tables, read now so that their round trip overlaps the merge
+    const float vsc = FINISH && HAD ? v_scale[h * D + tid % D] : 0.f;
+    const float vsg = FINISH && HAD ? rot_t[h * D + tid % D] : 0.f;
+    const float vmn = FINISH ? v_mean[h * D + tid % D] : 0.f;
     VX_DEVICE_FENCE();
     VX_SHARED_PTR float* top = smem;            // per query head: max over splits,
     VX_SHARED_PTR float* sum = smem + R;        // Σ exp, rescale for a sink logit, denominator
     VX_SHARED_PTR float* scale_a = smem + 2 * R;
     VX_SHARED_PTR float* denom = smem + 3 * R;
     VX_SHARED_PTR float* ys = smem + 4 * R;     // merged value sums [R, D]
-    VX_SHARED_PTR float* wt = ys + R * D;       // exp(m_split − top) [splits, R], as many as fit
+    // CH splits at a time: their weights exp(m_split − top) [CH, R] in wt; the first CH splits'
+    // (max, Σ exp) [CH, 2, R] read from global memory once, into mls (three reads were three round trips)
+    constexpr int CH = (KTAB + VTAB + PS - 4 * R - R * D) / (3 * R);
+    VX_SHARED_PTR float* wt = ys + R * D;
+    VX_SHARED_PTR float* mls = wt + CH * R;
     const VX_GLOBAL float* pml = part_ml + bh * n_split * 2 * R;
     const VX_GLOBAL float* pacc = part_acc + bh * n_split * R * D;
     for (int r = warp; r < R; r += NWARPS) {
         float m = NEG_INF;
-        for (int s = lane; s < n_split; s += 32) m = VX_MAX(m, VX_LOAD_CG(pml + s * 2 * R + r));
+        for (int s = lane; s < n_split; s += 32) {
+            const float ms = VX_LOAD_CG(pml + s * 2 * R + r);
+            if (s < CH) {                       // read back by this lane only: no barrier
+                mls[s * 2 * R + r] = ms;
+                mls[(s * 2 + 1) * R + r] = VX_LOAD_CG(pml + (s * 2 + 1) * R + r);
+            }
+            m = VX_MAX(m, ms);
+        }
         #pragma unroll
         for (int off = 16; off > 0; off >>= 1) m = VX_MAX(m, VX_SHFL_XOR(m, off));
         float l = 0.f;
         for (int s = lane; s < n_split; s += 32)
-            l += VX_LOAD_CG(pml + (s * 2 + 1) * R + r) * VX_EXP(VX_LOAD_CG(pml + s * 2 * R + r) - m);
+            l += s < CH ? mls[(s * 2 + 1) * R + r] * VX_EXP(mls[s * 2 * R + r] - m)
+                        : VX_LOAD_CG(pml + (s * 2 + 1) * R + r) * VX_EXP(VX_LOAD_CG(pml + s * 2 * R + r) - m);
         #pragma unroll
         for (int off = 16; off > 0; off >>= 1) l += VX_SHFL_XOR(l, off);
         if (lane == 0) {
@@ -627,12 +662,12 @@ DECODE = r"""
     // Σ_s exp(m_s − top)·partial_s, CH splits at a time: their weights in shared memory, then
     // MB partials' 16-byte loads issued together (no branch between them: a load guarded by
     // one serialised the loop, ~0.15 µs per split)
-    constexpr int CH = (KTAB + VTAB + PS - 4 * R - R * D) / R;
     constexpr int MB = 16;
     for (int e = 4 * tid; e < R * D; e += 4 * NT) ys[e] = ys[e + 1] = ys[e + 2] = ys[e + 3] = 0.f;
     for (int s0 = 0; s0 < n_split; s0 += CH) {
         const int ns = n_split - s0 < CH ? n_split - s0 : CH;
-        for (int i = tid; i < ns * R; i += NT) wt[i] = VX_EXP(VX_LOAD_CG(pml + (s0 + i / R) * 2 * R + i % R) - top[i % R]);
+        for (int i = tid; i < ns * R; i += NT)
+            wt[i] = VX_EXP((s0 == 0 ? mls[(i / R) * 2 * R + i % R] : VX_LOAD_CG(pml + (s0 + i / R) * 2 * R + i % R)) - top[i % R]);
         VX_BARRIER();
         for (int e = 4 * tid; e < R * D; e += 4 * NT) {  // four coordinates per thread: 16-byte loads
             const int r = e / D;
@@ -670,14 +705,14 @@ DECODE = r"""
     VX_BARRIER();
     if (FINISH) {
         if (HAD) {                              // R_vᵀ = H·diag(signs)/√D, rot_t holds the signs
-            for (int i = tid; i < R * D; i += NT) ys[i] *= v_scale[h * D + i % D];
+            for (int i = tid; i < R * D; i += NT) ys[i] *= vsc;
             VX_BARRIER();
             VX_FWHT(ys, R);
         }
         for (int d = tid; d < D; d += NT) {     // out[r, d] = Σ_k ys[r, k] s_v[k] R_v[d, k] (one column per thread)
             float o[R];
             if (HAD) {
-                for (int r = 0; r < R; r++) o[r] = ys[r * D + d] * rot_t[h * D + d] * INV_SQRT_D;
+                for (int r = 0; r < R; r++) o[r] = ys[r * D + d] * vsg * INV_SQRT_D;  // d = tid: D <= NT
             } else {
                 for (int r = 0; r < R; r++) o[r] = 0.f;
                 #pragma unroll 16
@@ -688,7 +723,7 @@ DECODE = r"""
                 }
             }
             for (int r = 0; r < R; r++) {       // sum[r]: probability mass on coded tokens, for the mean
-                const float y = scale_a[r] * (o[r] + sum[r] * v_mean[h * D + d]);
+                const float y = scale_a[r] * (o[r] + sum[r] * vmn);
                 out[(bh * R + r) * D + d] = vx_from_float<OT>(y / VX_MAX(denom[r], 1e-30f));
             }
         }
