@@ -36,7 +36,7 @@ HQ, HKV, D = 32, 8, 128
 # (phase that ends here, text of the body the timestamp goes before)
 MARKS = [
     ("tables", "    // 0. the group's query rows"),
-    ("query rotation", "    VX_BARRIER();\n\n    // token t's NW words"),
+    ("query rotation", "    VX_BARRIER();\n\n    // code j of this thread's words wd"),
     ("scores", "    // 2. softmax statistics"),
     ("softmax statistics", "    // 3. values:"),
     ("values", "    // 4. the last block"),

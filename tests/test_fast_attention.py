@@ -414,3 +414,25 @@ def test_cpu_kernel_falls_back_to_mx_ops(monkeypatch, tmp_path):
             assert kernels._fused_for(q, cache.compressed(), None) is None
     finally:
         cpu.library.cache_clear()
+
+
+def test_launch_plans_are_built_once_per_codec_pair():
+    """A decode launch's fixed arguments are built once per codec pair and settings; a plan holds
+    its value codec weakly, so a new codec gets its own plan and a dropped one is freed."""
+    import gc
+    import weakref
+
+    from velox.kernels.fused import _plan
+    k, v = turboquant_mse.make_codec(HKV, D, 4, 0), turboquant_mse.make_codec(HKV, D, 4, 1)
+    p = _plan(k, v, 3, D, 256, D**-0.5, True, False, mx.float16)
+    assert _plan(k, v, 3, D, 256, D**-0.5, True, False, mx.float16) is p
+    assert dict(p.template)["T"] == 256 and dict(p.template)["R"] == 3
+    assert dict(_plan(k, v, 3, D, 512, D**-0.5, True, False, mx.float16).template)["T"] == 512
+    partial = _plan(k, v, 3, D, 256, None, False, False, mx.float32)
+    assert dict(partial.template)["ROTATE"] is False and partial.rotation[0] is partial.dummy
+    v2 = turboquant_mse.make_codec(HKV, D, 2, 1)
+    assert dict(_plan(k, v2, 3, D, 256, D**-0.5, True, False, mx.float16).template)["VB"] == 2
+    dropped = weakref.ref(v2)
+    del v2
+    gc.collect()
+    assert dropped() is None

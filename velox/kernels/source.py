@@ -223,7 +223,61 @@ DECODE = r"""
     const int t0 = split * T;
     const size_t bh = (size_t)b * n_kv + h;
 
+    // token t's NW words (from word WOFF of the token) into wdst and its norm into ndst; zeros past n
+    #define VX_LOAD_TOKEN(words, norms, wdst, ndst, NW, WTOK, WOFF, t) do {                   \
+        const int t_ = (t);                                                                \
+        if (t_ < n) {                                                                      \
+            VX_LOAD_WORDS((words) + (bh * N + t_) * (WTOK) + (WOFF), wdst, NW);            \
+            ndst = vx_to_float((norms)[bh * N + t_]);                                      \
+        } else {                                                                           \
+            for (int w_ = 0; w_ < (NW); w_++) (wdst)[w_] = 0u;                             \
+            ndst = 0.f;                                                                    \
+        }                                                                                  \
+    } while (0)
 #ifdef VX_MMA
+    // Tensor-core passes: each warp takes 16-token tiles (warp, warp + NWARPS, ...) with PFT tiles'
+    // loads in flight in a ring: NTOK tokens per lane, token u (u_ in TOK) of a tile, NW words
+    // from word WOFF of each, and its norm; zeros past n.
+    #define VX_LOAD_TILE(words, norms, wbuf, nbuf, NW, WTOK, WOFF, NTOK, TOK, tile) do {          \
+        _Pragma("unroll")                                                                  \
+        for (int u_ = 0; u_ < (NTOK); u_++)                                                \
+            VX_LOAD_TOKEN(words, norms, (wbuf)[u_], (nbuf)[u_], NW, WTOK, WOFF, t0 + (tile) * 16 + (TOK)); \
+    } while (0)
+    // the ring's first PFT tiles, loaded before the pass (ahead of work that does not need them)
+    #define VX_START_TILES(words, norms, ring, nring, NW, WTOK, WOFF, NTOK, TOK) do {          \
+        _Pragma("unroll")                                                                  \
+        for (int p_ = 0; p_ < PFT; p_++)                                                   \
+            VX_LOAD_TILE(words, norms, ring[p_], nring[p_], NW, WTOK, WOFF, NTOK, TOK, warp + p_ * NWARPS); \
+    } while (0)
+    // the loop over this warp's tiles, running the body (...) with w, nm holding tile `tile` while
+    // ring slot p_ loads the tile PFT on
+    #define VX_FOR_TILES(words, norms, ring, nring, NW, WTOK, WOFF, NTOK, TOK, ...) do {       \
+        _Pragma("unroll 1")                                                                \
+        for (int i0 = 0; i0 < T / 16 / NWARPS; i0 += PFT) {                               \
+            _Pragma("unroll")                                                              \
+            for (int p_ = 0; p_ < PFT; p_++) {                                             \
+                const int tile = warp + (i0 + p_) * NWARPS;                                \
+                unsigned int w[NTOK][NW];                                                  \
+                float nm[NTOK];                                                            \
+                _Pragma("unroll")                                                          \
+                for (int u_ = 0; u_ < (NTOK); u_++) {                                      \
+                    nm[u_] = nring[p_][u_];                                                \
+                    for (int w_ = 0; w_ < (NW); w_++) w[u_][w_] = ring[p_][u_][w_];        \
+                }                                                                          \
+                if (tile + PFT * NWARPS < T / 16)                                          \
+                    VX_LOAD_TILE(words, norms, ring[p_], nring[p_], NW, WTOK, WOFF, NTOK, TOK, tile + PFT * NWARPS); \
+                __VA_ARGS__                                                                \
+            }                                                                              \
+        }                                                                                  \
+    } while (0)
+    constexpr int PFT = T / 64 < 2 ? T / 64 : 2;    // tiles in flight per warp (of T / 64); 4: two waves at 64k (145 registers)
+    const int g = lane >> 2, c = lane & 3;      // an mma lane: its group and its thread in the group
+    constexpr int KC = D / 4, KWC = KC * KB / 32;                                     // scores pass
+    constexpr int VC = D / 8, VBITS = VC * VB, VWC = VBITS < 32 ? 1 : VBITS / 32;     // values pass
+    // the keys' first tiles load while the tables fill and the query rotates
+    unsigned int kring[PFT][2][KWC];
+    float knring[PFT][2];
+    VX_START_TILES(kw, kn, kring, knring, KWC, WK, c * KWC, 2, g + 8 * u_);
     #define VX_TAB_PUT(tab, i, x) (((VX_SHARED_PTR unsigned int*)(tab))[i] = vx_hilo(x))  // tensor cores: fp16 hi, lo
 #else
     #define VX_TAB_PUT(tab, i, x) ((tab)[i] = (x))
@@ -245,28 +299,20 @@ DECODE = r"""
         // HAD: R_k = diag(signs)·H/√D (turboquant's randomized Hadamard), rot holds the signs
         // [H, D] and q @ R_k is a Walsh-Hadamard transform in shared memory: no D×D matrix
         // read by every block.
-        // every global read of this phase issued together, before the first use: one round
-        // trip instead of four (the scale, then the signs, the mean, the per-coordinate scale).
-        // NT is a multiple of D, so this thread's elements i of the rows all have i % D = tid % D.
         VX_SHARED_PTR float* qs = ps + R * D + R;
         const float sm = softmax_scale[0];
-        const float sg = HAD ? rot[h * D + tid % D] : 1.f;
-        const float ksc = HAD ? k_scale[h * D + tid % D] : 0.f;
-        float km[D / 32];                       // q·mean's terms: coordinate lane + 32·k, signs folded in
-        #pragma unroll
-        for (int k = 0; k < D / 32; k++) km[k] = k_mean[h * D + lane + 32 * k] * (HAD ? rot[h * D + lane + 32 * k] : 1.f);
-        for (int i = tid; i < R * D; i += NT) qs[i] = vx_to_float(q[bh * R * D + i]) * sg;
+        for (int i = tid; i < R * D; i += NT)
+            qs[i] = vx_to_float(q[bh * R * D + i]) * (HAD ? rot[h * D + i % D] : 1.f);
         VX_BARRIER();
         for (int r = warp; r < R; r += NWARPS) {  // q·mean, from the raw rows (signs undone)
             float a = 0.f;
-            #pragma unroll
-            for (int k = 0; k < D / 32; k++) a += qs[r * D + lane + 32 * k] * km[k];
+            for (int k = lane; k < D; k += 32) a += qs[r * D + k] * (HAD ? rot[h * D + k] : 1.f) * k_mean[h * D + k];
             for (int off = 16; off > 0; off >>= 1) a += VX_SHFL_XOR(a, off);
             if (lane == 0) qmb[r] = a * sm;
         }
         if (HAD) {
             VX_FWHT(qs, R);
-            for (int i = tid; i < R * D; i += NT) qb[i] = qs[i] * (sm * INV_SQRT_D) * ksc;
+            for (int i = tid; i < R * D; i += NT) qb[i] = qs[i] * (sm * INV_SQRT_D) * k_scale[h * D + i % D];
         } else {
             for (int d = tid; d < D; d += NT) { // one column per thread, every row at once
                 float a[R];
@@ -286,56 +332,11 @@ DECODE = r"""
     }
     VX_BARRIER();
 
-    // token t's NW words (from word WOFF of the token) into wdst and its norm into ndst; zeros past n
-    #define VX_LOAD_TOKEN(words, norms, wdst, ndst, NW, WTOK, WOFF, t) do {                   \
-        const int t_ = (t);                                                                \
-        if (t_ < n) {                                                                      \
-            VX_LOAD_WORDS((words) + (bh * N + t_) * (WTOK) + (WOFF), wdst, NW);            \
-            ndst = vx_to_float((norms)[bh * N + t_]);                                      \
-        } else {                                                                           \
-            for (int w_ = 0; w_ < (NW); w_++) (wdst)[w_] = 0u;                             \
-            ndst = 0.f;                                                                    \
-        }                                                                                  \
-    } while (0)
     // code j of this thread's words wd; the level of code c of coordinate d in table tab
     #define VX_CODE(wd, j, BITS) (((wd)[(j) * (BITS) / 32] >> (((j) * (BITS)) % 32)) & ((1u << (BITS)) - 1u))
     #define VX_LV(tab, SH, NL, d, c) \
         (SH ? (tab)[((c) << 5) | lane] : (tab)[((d) / 8) * (8 * (NL) + 1) + ((d) % 8) * (NL) + (c)])
 #ifdef VX_MMA
-    // Tensor-core passes: each warp takes 16-token tiles (warp, warp + NWARPS, ...) with PFT tiles'
-    // loads in flight: NTOK tokens per lane, token u (u_ in TOK) of a tile, NW words from word
-    // WOFF of each, and its norm; zeros past n.
-    #define VX_LOAD_TILE(words, norms, wbuf, nbuf, NW, WTOK, WOFF, NTOK, TOK, tile) do {          \
-        _Pragma("unroll")                                                                  \
-        for (int u_ = 0; u_ < (NTOK); u_++)                                                \
-            VX_LOAD_TOKEN(words, norms, (wbuf)[u_], (nbuf)[u_], NW, WTOK, WOFF, t0 + (tile) * 16 + (TOK)); \
-    } while (0)
-    // the loop over this warp's tiles, running the body (...) with w, nm holding tile `tile` while
-    // ring slot p_ loads the tile PFT on
-    #define VX_FOR_TILES(words, norms, NW, WTOK, WOFF, NTOK, TOK, ...) do {                   \
-        unsigned int ring[PFT][NTOK][NW];                                                  \
-        float nring[PFT][NTOK];                                                            \
-        _Pragma("unroll")                                                                  \
-        for (int p_ = 0; p_ < PFT; p_++)                                                   \
-            VX_LOAD_TILE(words, norms, ring[p_], nring[p_], NW, WTOK, WOFF, NTOK, TOK, warp + p_ * NWARPS); \
-        _Pragma("unroll 1")                                                                \
-        for (int i0 = 0; i0 < T / 16 / NWARPS; i0 += PFT) {                               \
-            _Pragma("unroll")                                                              \
-            for (int p_ = 0; p_ < PFT; p_++) {                                             \
-                const int tile = warp + (i0 + p_) * NWARPS;                                \
-                unsigned int w[NTOK][NW];                                                  \
-                float nm[NTOK];                                                            \
-                _Pragma("unroll")                                                          \
-                for (int u_ = 0; u_ < (NTOK); u_++) {                                      \
-                    nm[u_] = nring[p_][u_];                                                \
-                    for (int w_ = 0; w_ < (NW); w_++) w[u_][w_] = ring[p_][u_][w_];        \
-                }                                                                          \
-                if (tile + PFT * NWARPS < T / 16)                                          \
-                    VX_LOAD_TILE(words, norms, ring[p_], nring[p_], NW, WTOK, WOFF, NTOK, TOK, tile + PFT * NWARPS); \
-                __VA_ARGS__                                                                \
-            }                                                                              \
-        }                                                                                  \
-    } while (0)
     // code c of coordinate d as fp16 (hi, lo) in one word (VX_TAB_PUT), from table tab
     #define VX_HL(tab, SH, NL, d, c) (((VX_SHARED_PTR unsigned int*)(tab))[SH ? (((c) << 5) | lane) : ((d) / 8) * (8 * (NL) + 1) + ((d) % 8) * (NL) + (c)])
     // VX_HL of code j of words wd. A lane-replicated table's byte offset, ((code << 5) | lane)·4,
@@ -346,7 +347,6 @@ DECODE = r"""
         *(VX_SHARED_PTR unsigned int*)((VX_SHARED_PTR char*)(tab) + ((VX_SHIFT_TO((wd)[(j) * (BITS) / 32], ((j) * (BITS)) % 32, 7) & ((NL - 1u) << 7)) | lane4)) : \
         VX_HL(tab, SH, NL, d, VX_CODE(wd, j, BITS)))
     const unsigned int lane4 = (unsigned int)lane << 2;
-    constexpr int PFT = T / 64 < 2 ? T / 64 : 2;    // tiles in flight per warp (of T / 64); 4: two waves at 64k (145 registers)
 
     // 1. scores on tensor cores: S [16 tokens, 8 query rows] += K [16 tokens, 16 coordinates] ·
     // Q'ᵀ [16 coordinates, 8 rows] per k-tile (vx_mma), K's levels as fp16 hi + lo (two mma).
@@ -354,8 +354,6 @@ DECODE = r"""
     // (one load per token); k-tile kk takes the coordinates 4kk … 4kk + 3 of each lane's range
     // (the sum runs over the coordinates in any order, so Q' is laid out the same way).
     {
-        constexpr int KC = D / 4, KWC = KC * KB / 32;
-        const int g = lane >> 2, c = lane & 3;
         unsigned int qf[D / 16][2];             // Q' fragments: row g, coordinates c·KC + 4kk + {0, 1}, {2, 3}
         #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
@@ -365,7 +363,7 @@ DECODE = r"""
         }
         const float qm0 = 2 * c < R ? qmb[2 * c] : 0.f, qm1 = 2 * c + 1 < R ? qmb[2 * c + 1] : 0.f;
         VX_BARRIER();                           // ps now holds scores
-        VX_FOR_TILES(kw, kn, KWC, WK, c * KWC, 2, g + 8 * u_, {
+        VX_FOR_TILES(kw, kn, kring, knring, KWC, WK, c * KWC, 2, g + 8 * u_, {
             float sc[4] = {0.f, 0.f, 0.f, 0.f};
             _Pragma("unroll")
             for (int kk = 0; kk < D / 16; kk++) {
@@ -461,6 +459,12 @@ DECODE = r"""
     }
 #endif
     VX_BARRIER();
+#ifdef VX_MMA
+    // the values' first tiles load while the softmax statistics are computed
+    unsigned int vring[PFT][4][VWC];
+    float vnring[PFT][4];
+    VX_START_TILES(vw, vn, vring, vnring, VWC, WV, g * VBITS / 32, 4, 2 * c + (u_ & 1) + 8 * (u_ >> 1));
+#endif
 
     // 2. softmax statistics of this split, one warp per query head
     for (int r = warp; r < R; r += NWARPS) {
@@ -491,13 +495,11 @@ DECODE = r"""
     // 2c + 1, 2c + 8, 2c + 9 of a tile and coordinates [g·D/8, (g + 1)·D/8) of each; m-tile mt
     // takes coordinates 2mt (fragment row g) and 2mt + 1 (row g + 8) of each lane's range.
     {
-        constexpr int VC = D / 8, VBITS = VC * VB, VWC = VBITS < 32 ? 1 : VBITS / 32;
-        const int g = lane >> 2, c = lane & 3;
         const int vsh = VBITS < 32 ? g * VBITS % 32 : 0;  // 16-bit ranges: a shift inside the word
         float o[D / 16][4];                     // rows g·VC + 2mt, + 1; columns (query rows) 2c, 2c + 1
         #pragma unroll
         for (int mt = 0; mt < D / 16; mt++) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
-        VX_FOR_TILES(vw, vn, VWC, WV, g * VBITS / 32, 4, 2 * c + (u_ & 1) + 8 * (u_ >> 1), {
+        VX_FOR_TILES(vw, vn, vring, vnring, VWC, WV, g * VBITS / 32, 4, 2 * c + (u_ & 1) + 8 * (u_ >> 1), {
             if (VBITS < 32) {
                 _Pragma("unroll")
                 for (int u = 0; u < 4; u++) w[u][0] >>= vsh;
@@ -590,6 +592,7 @@ DECODE = r"""
 #ifdef VX_MMA
     #undef VX_LOAD_TILE
     #undef VX_FOR_TILES
+    #undef VX_START_TILES
     #undef VX_HL
     #undef VX_HLW
     #undef VX_SHIFT_TO
