@@ -205,3 +205,26 @@ def test_kernel_scalars_stay_out_of_mlx_small_pool():
 
     s = fused._scalar(0.125)
     assert s.nbytes > 8 and s[0].item() == 0.125
+
+
+def test_kernel_variants_edit_the_current_body():
+    """scripts/kernel_variants.py finds the text each of its edits replaces, and every edited
+    kernel (and one read from a copy of source.py) compiles."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "kernel_variants.py"
+    spec = importlib.util.spec_from_file_location("kernel_variants", path)
+    variants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(variants)
+    inputs, outputs, _ = source.KERNELS["decode"]
+    template = dict(R=4, D=128, T=1024, CPT=16, KB=4, VB=4, KSH=True, VSH=True, PF=4, ROTATE=True, HAD=True,
+                    FINISH=True, HAS_SINKS=False, OT="float16")
+    plain = variants.render("plain")
+    for name in [*variants.EDITS, f"file:{source.__file__}"]:
+        header, body = variants.render(name)
+        assert (header, body) != plain or name.startswith("file:")
+        rc, log = nvrtc_compile(mlx_cuda_source(inputs, [DECODE_INPUT_TYPES.get(n, "float32") for n in inputs],
+                                                outputs, ["float16"] + ["float32"] * 3, header, body, template))
+        assert rc == 0, (name, log[:3000])
+    assert variants.render(f"file:{source.__file__}") == plain

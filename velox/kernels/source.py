@@ -20,8 +20,9 @@ every query head of the group (GQA) and:
    queries for the scores, values × p·norm for the sums; fragment layouts at ``vx_mma``) with
    two tiles' loads in flight. The levels go in as fp16 hi + lo pairs (``vx_hilo``): rounded
    once, every token using a level would share its error (2.4e-3 relative at 64k tokens).
-   The passes are bound by instruction issue, not bytes: ~4.4 instructions per code in the
-   SASS (sm_90: shift, LOP3, shared load, byte permute), ~8 on CUDA cores;
+   The passes are bound by instruction issue and latency, not bytes: ~5 instructions per
+   code in the SASS (sm_90, ``scripts/kernel_sass.py``: shift, LOP3, shared load, byte
+   permute, an add of the table base), ~8 on CUDA cores;
 4. the last block of a (batch, KV head) to finish (an atomic counter) merges the splits.
    The counter is a persistent zeroed array that the last block zeroes again (an output
    would need MLX's init_value, which fills every output: measured ~40 µs for five, more
