@@ -228,3 +228,27 @@ def test_kernel_variants_edit_the_current_body():
                                                 outputs, ["float16"] + ["float32"] * 3, header, body, template))
         assert rc == 0, (name, log[:3000])
     assert variants.render(f"file:{source.__file__}") == plain
+
+
+def test_kernel_sass_counts_the_tensor_core_passes(capsys):
+    """scripts/kernel_sass.py compiles the benchmark shape for sm_90 and reads its machine code:
+    both passes run on tensor cores, within 6 instructions per code (the CUDA-core passes took ~8)
+    and 128 registers (four blocks per SM)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    _nvrtc()  # skips without the NVRTC wheels
+    path = Path(__file__).resolve().parent.parent / "scripts" / "kernel_sass.py"
+    spec = importlib.util.spec_from_file_location("kernel_sass", path)
+    sass = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sass)
+    try:
+        sass.nvdisasm()
+    except SystemExit:
+        pytest.skip("needs nvdisasm (the nvidia-cuda-nvdisasm wheel)")
+    assert sass.main([]) == 0
+    out = capsys.readouterr().out
+    assert int(re.search(r"Used (\d+) registers", out).group(1)) <= 128
+    per_code = [float(x) for x in re.findall(r"\(([\d.]+) per code of a lane\)", out)]
+    assert len(per_code) == 2 and all(x <= 6.0 for x in per_code), out
