@@ -13,7 +13,6 @@ PFT = 2 tiles of 16 tokens; a lane decodes D / 2 codes per tile).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import glob
 import importlib.util
 import re
@@ -48,22 +47,10 @@ def cubin(template: dict) -> tuple[bytes, str]:
     header, body = (source.compact(x) for x in source.render("decode", "cuda"))
     src = helpers.mlx_cuda_source(inputs, [helpers.DECODE_INPUT_TYPES.get(n, "float32") for n in inputs], outputs,
                                   [template["OT"]] + ["float32"] * 3, header, body, template)
-    lib, include = helpers._nvrtc()
-    prog = ctypes.c_void_p()
-    lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"decode.cu", 0, None, None)
-    opts = [b"--gpu-architecture=sm_90", b"--std=c++17", b"-I" + str(include).encode(), b"--ptxas-options=-v"]
-    rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-    size = ctypes.c_size_t()
-    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-    log = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetProgramLog(prog, log)
+    rc, log, binary = helpers.nvrtc_build(src, "sm_90", ("--ptxas-options=-v",))
     if rc != 0:
-        raise SystemExit(log.value.decode()[-3000:])
-    lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-    out = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetCUBIN(prog, out)
-    lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    return out.raw, log.value.decode()
+        raise SystemExit(log[-3000:])
+    return binary, log
 
 
 def nvdisasm() -> str:

@@ -55,7 +55,7 @@ TARGET_BLOCKS = {"tb132": 132, "tb528": 528}
 
 
 def render(variant: str) -> tuple[str, str]:
-    """(header, body) of the decode kernel for CUDA with the variant's edits."""
+    """(header, body) of the decode kernel for CUDA with the variant's edits (not compacted)."""
     if variant.startswith("file:"):
         spec = importlib.util.spec_from_file_location("velox_source_copy", variant[5:])
         module = importlib.util.module_from_spec(spec)
@@ -67,7 +67,7 @@ def render(variant: str) -> tuple[str, str]:
         if old not in header + body:
             raise SystemExit(f"{variant}: the kernel changed, no {old!r} to edit")
         header, body = header.replace(old, new, 1), body.replace(old, new, 1)
-    return source.compact(header), source.compact(body)
+    return header, body
 
 
 class VariantDecode(fused.FusedDecode):
@@ -76,13 +76,10 @@ class VariantDecode(fused.FusedDecode):
     def __init__(self, variant: str):
         super().__init__("cuda", ps_budget=4096, target_blocks=TARGET_BLOCKS.get(variant, 264))
         self.variant = variant
+        self.name_suffix = "_" + "".join(ch if ch.isalnum() else "_" for ch in variant)
 
-    def _compile(self, name: str):
-        inputs, outputs, _ = source.KERNELS[name]
-        header, body = render(self.variant) if name == "decode" else (source.compact(x) for x in source.render(name, "cuda"))
-        tag = "".join(ch if ch.isalnum() else "_" for ch in self.variant)
-        return mx.fast.cuda_kernel(name=f"velox_{name}_{tag}", input_names=inputs, output_names=outputs,
-                                   source=body, header=header)
+    def _source(self, name: str) -> tuple[str, str]:
+        return render(self.variant) if name == "decode" else super()._source(name)
 
 
 def main(argv=None) -> int:

@@ -117,6 +117,8 @@ class FusedDecode:
     shared memory per block; target_blocks: about how many blocks fill the GPU.
     """
 
+    name_suffix = ""  # subclasses compiling other sources need other kernel names (MLX caches by name)
+
     def __init__(self, backend: str, ps_budget: int, target_blocks: int):
         self.backend = backend
         self.ps_budget = ps_budget
@@ -132,11 +134,15 @@ class FusedDecode:
             self._kernel = self._compile("decode")
         return self._kernel
 
+    def _source(self, name: str) -> tuple[str, str]:
+        """(header, body) of kernel ``name`` for this backend (scripts/kernel_variants.py edits it)."""
+        return source.render(name, self.backend)
+
     def _compile(self, name: str):
         """``source.KERNELS[name]`` with this backend's wrapper (cuda_kernel / metal_kernel)."""
         inputs, outputs, _ = source.KERNELS[name]
-        header, body = (source.compact(x) for x in source.render(name, self.backend))
-        return getattr(mx.fast, f"{self.backend}_kernel")(name=f"velox_{name}", input_names=inputs,
+        header, body = (source.compact(x) for x in self._source(name))
+        return getattr(mx.fast, f"{self.backend}_kernel")(name=f"velox_{name}{self.name_suffix}", input_names=inputs,
                                                            output_names=outputs, source=body, header=header)
 
     def tokens_per_block(self, n: int, groups: int, rep: int) -> int:
