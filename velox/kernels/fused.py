@@ -240,7 +240,7 @@ class LaunchPlan(NamedTuple):
 def _plan(key_codec, value_codec, R: int, D: int, T: int, scale: Optional[float], finish: bool,
           has_sinks: bool, out_dtype: mx.Dtype) -> LaunchPlan:
     """The launch plan for these codecs and settings, built once (a decode step's Python cost is
-    on the CPU's critical path: rebuilding these lists took ~5 µs per call)."""
+    on the CPU's critical path: rebuilding these lists took ~2 µs of its ~11)."""
     plans = per_codec(key_codec, "launch plans", lambda c: {})
     key = (id(value_codec), R, D, T, scale, finish, has_sinks, out_dtype)
     plan = plans.get(key)

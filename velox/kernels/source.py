@@ -343,7 +343,8 @@ DECODE = r"""
     #define VX_HL(tab, SH, NL, d, c) (((VX_SHARED_PTR unsigned int*)(tab))[SH ? (((c) << 5) | lane) : ((d) / 8) * (8 * (NL) + 1) + ((d) % 8) * (NL) + (c)])
     // VX_HL of code j of words wd. A lane-replicated table's byte offset, ((code << 5) | lane)·4,
     // comes straight from the word: one shift, then one LOP3 for the mask and the lane (the
-    // passes are instruction-bound: this is 2 instructions per code where VX_CODE + VX_HL took 3)
+    // passes are instruction-bound: 2 instructions per code where VX_CODE + VX_HL took 3; ptxas
+    // adds one more for the table base when it keeps the base out of a uniform register)
     #define VX_SHIFT_TO(x, from, to) ((from) <= (to) ? (x) << ((from) <= (to) ? (to) - (from) : 0) : (x) >> ((from) > (to) ? (from) - (to) : 0))
     #define VX_HLW(tab, SH, NL, d, wd, j, BITS) (SH ? \
         *(VX_SHARED_PTR unsigned int*)((VX_SHARED_PTR char*)(tab) + ((VX_SHIFT_TO((wd)[(j) * (BITS) / 32], ((j) * (BITS)) % 32, 7) & ((NL - 1u) << 7)) | lane4)) : \
