@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,10 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from velox.kernels import source  # noqa: E402
 
-TEMPLATE = dict(R=4, D=128, T=1024, CPT=16, KB=4, VB=4, KSH=True, VSH=True, PF=4, ROTATE=True, HAD=True,
-                FINISH=True, HAS_SINKS=False, OT="float16")
-
-
+@lru_cache(maxsize=None)
 def _tests_helpers():
     """tests/test_kernel_sources.py: the translation unit MLX builds and the NVRTC loader."""
     spec = importlib.util.spec_from_file_location("test_kernel_sources", ROOT / "tests" / "test_kernel_sources.py")
@@ -41,13 +39,11 @@ def _tests_helpers():
 
 
 def cubin(template: dict) -> tuple[bytes, str]:
-    """(sm_90 cubin, ptxas log) of the decode kernel with these template arguments."""
+    """(sm_90 cubin, ptxas log) of the decode kernel with these template arguments (the tests'
+    benchmark shape, BENCH_TEMPLATE, where not given)."""
     helpers = _tests_helpers()
-    inputs, outputs, _ = source.KERNELS["decode"]
     header, body = (source.compact(x) for x in source.render("decode", "cuda"))
-    src = helpers.mlx_cuda_source(inputs, [helpers.DECODE_INPUT_TYPES.get(n, "float32") for n in inputs], outputs,
-                                  [template["OT"]] + ["float32"] * 3, header, body, template)
-    rc, log, binary = helpers.nvrtc_build(src, "sm_90", ("--ptxas-options=-v",))
+    rc, log, binary = helpers.nvrtc_build(helpers.decode_unit(header, body, **template), "sm_90", ("--ptxas-options=-v",))
     if rc != 0:
         raise SystemExit(log[-3000:])
     return binary, log
@@ -74,7 +70,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a template argument")
     args = ap.parse_args(argv)
-    template = dict(TEMPLATE)
+    template = dict(_tests_helpers().BENCH_TEMPLATE)
     for item in args.set:
         name, value = item.split("=")
         template[name] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)

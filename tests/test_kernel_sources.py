@@ -123,6 +123,30 @@ def nvrtc_compile(src: str, arch: str = "compute_90", extra: tuple[str, ...] = (
 
 DECODE_INPUT_TYPES = {"q": "float16", "kw": "uint32", "vw": "uint32", "kn": "float16", "vn": "float16",
                       "counter": "uint32", "chain": "float16", "sinks": "float16"}
+# the benchmark shape (Llama-3-8B: 4 query heads per KV head, head_dim 128) at a long context
+BENCH_TEMPLATE = dict(R=4, D=128, T=1024, CPT=16, KB=4, VB=4, KSH=True, VSH=True, PF=4, ROTATE=True, HAD=True,
+                      FINISH=True, HAS_SINKS=False, OT="float16")
+
+
+def decode_unit(header: str, body: str, extra_outputs: tuple[tuple[str, str], ...] = (), **template) -> str:
+    """The decode kernel's translation unit (``mlx_cuda_source``) for BENCH_TEMPLATE updated with
+    template; extra_outputs: (name, type) after the kernel's own outputs."""
+    inputs, outputs, _ = source.KERNELS["decode"]
+    t = {**BENCH_TEMPLATE, **template}
+    return mlx_cuda_source(inputs, [DECODE_INPUT_TYPES.get(n, "float32") for n in inputs],
+                           outputs + [n for n, _ in extra_outputs],
+                           [t["OT"]] + ["float32"] * 3 + [ty for _, ty in extra_outputs], header, body, t)
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_cuda_decode_kernel_compiles_with_nvrtc():
@@ -131,9 +155,7 @@ def test_cuda_decode_kernel_compiles_with_nvrtc():
     need MLX's CUDA backend, this catches a broken body before that."""
     import itertools
 
-    inputs, outputs, _ = source.KERNELS["decode"]
     header, body = (source.compact(x) for x in source.render("decode", "cuda"))  # as FusedDecode compiles it
-    input_types = [DECODE_INPUT_TYPES.get(n, "float32") for n in inputs]
     combos = [(r, d, cpt, kb, vb) for r, d, cpt in [(4, 128, 16), (3, 64, 16), (8, 128, 8)]
               for kb, vb in [(4, 4), (2, 4), (2, 2)] if cpt * min(kb, vb) % 32 == 0]
     variants = list(itertools.product([True, False], [True, False],
@@ -143,7 +165,7 @@ def test_cuda_decode_kernel_compiles_with_nvrtc():
         (R, D, CPT, KB, VB), (shared, had, (rotate, finish, sinks)) = combos[i % len(combos)], variants[i % len(variants)]
         template = dict(R=R, D=D, T=256, CPT=CPT, KB=KB, VB=VB, KSH=shared, VSH=shared, PF=4, ROTATE=rotate,
                         HAD=had, FINISH=finish, HAS_SINKS=sinks, OT="float16" if finish else "float32")
-        src = mlx_cuda_source(inputs, input_types, outputs, [template["OT"]] + ["float32"] * 3, header, body, template)
+        src = decode_unit(header, body, **template)
         rc, log = nvrtc_compile(src)
         assert rc == 0, (template, log[:3000])
         if i < 2:  # before sm_80 (no mma.m16n8k16) the scores and values passes run on CUDA cores, as on Metal
@@ -161,13 +183,10 @@ def test_cuda_decode_kernel_fits_four_blocks_per_sm():
     with per-coordinate codebooks (~145)."""
     import re
 
-    inputs, outputs, _ = source.KERNELS["decode"]
     header, body = (source.compact(x) for x in source.render("decode", "cuda"))
-    input_types = [DECODE_INPUT_TYPES.get(n, "float32") for n in inputs]
     for R, D, KB, shared in [(4, 128, 4, True), (3, 64, 4, True), (4, 128, 2, True), (4, 128, 4, False)]:
-        template = dict(R=R, D=D, T=1024, CPT=16, KB=KB, VB=4, KSH=shared, VSH=shared, PF=4, ROTATE=True,
-                        HAD=True, FINISH=True, HAS_SINKS=False, OT="float16")
-        src = mlx_cuda_source(inputs, input_types, outputs, ["float16"] + ["float32"] * 3, header, body, template)
+        template = dict(R=R, D=D, KB=KB, KSH=shared, VSH=shared)
+        src = decode_unit(header, body, **template)
         rc, log = nvrtc_compile(src, "sm_90", ("--ptxas-options=-v",))
         used = re.search(r"Used (\d+) registers", log)
         assert rc == 0 and used, log[:3000]
@@ -190,22 +209,11 @@ def test_cuda_append_kernel_compiles_with_nvrtc():
 
 def test_kernel_timeline_instruments_the_current_body():
     """scripts/kernel_timeline.py finds every phase boundary in the body and its kernel compiles."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / "kernel_timeline.py"
-    spec = importlib.util.spec_from_file_location("kernel_timeline", path)
-    timeline = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(timeline)
+    timeline = load_script("kernel_timeline")
     body = timeline.instrumented_body()
     assert body.count("VX_TICK(") == 9 and body.count("ticks[tick_row * 9 + 8] = 0") == 1
-    inputs, outputs, _ = source.KERNELS["decode"]
-    template = dict(R=4, D=128, T=1024, CPT=16, KB=4, VB=4, KSH=True, VSH=True, PF=4, ROTATE=True, HAD=True,
-                    FINISH=True, HAS_SINKS=False, OT="float16")
-    rc, log = nvrtc_compile(mlx_cuda_source(
-        inputs, [DECODE_INPUT_TYPES.get(n, "float32") for n in inputs], outputs + ["ticks"],
-        ["float16", "float32", "float32", "float32", "uint64"], source.render("decode", "cuda")[0] + timeline.TICK,
-        source.CUDA.index + body, template))
+    rc, log = nvrtc_compile(decode_unit(source.render("decode", "cuda")[0] + timeline.TICK, source.CUDA.index + body,
+                                        extra_outputs=(("ticks", "uint64"),)))
     assert rc == 0, log[:3000]
 
 
@@ -222,22 +230,12 @@ def test_kernel_scalars_stay_out_of_mlx_small_pool():
 def test_kernel_variants_edit_the_current_body():
     """scripts/kernel_variants.py finds the text each of its edits replaces, and every edited
     kernel (and one read from a copy of source.py) compiles."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / "kernel_variants.py"
-    spec = importlib.util.spec_from_file_location("kernel_variants", path)
-    variants = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(variants)
-    inputs, outputs, _ = source.KERNELS["decode"]
-    template = dict(R=4, D=128, T=1024, CPT=16, KB=4, VB=4, KSH=True, VSH=True, PF=4, ROTATE=True, HAD=True,
-                    FINISH=True, HAS_SINKS=False, OT="float16")
+    variants = load_script("kernel_variants")
     plain = variants.render("plain")
     for name in [*variants.EDITS, f"file:{source.__file__}"]:
         header, body = (source.compact(x) for x in variants.render(name))
         assert (header, body) != plain or name.startswith("file:")
-        rc, log = nvrtc_compile(mlx_cuda_source(inputs, [DECODE_INPUT_TYPES.get(n, "float32") for n in inputs],
-                                                outputs, ["float16"] + ["float32"] * 3, header, body, template))
+        rc, log = nvrtc_compile(decode_unit(header, body))
         assert rc == 0, (name, log[:3000])
     assert variants.render(f"file:{source.__file__}") == plain == source.render("decode", "cuda")
 
@@ -245,15 +243,10 @@ def test_kernel_variants_edit_the_current_body():
 def test_kernel_sass_counts_the_tensor_core_passes(capsys):
     """scripts/kernel_sass.py compiles the benchmark shape for sm_90 and reads its machine code:
     both passes run on tensor cores, within 6 instructions per code (the CUDA-core passes took ~8)."""
-    import importlib.util
     import re
-    from pathlib import Path
 
     _nvrtc()  # skips without the NVRTC wheels
-    path = Path(__file__).resolve().parent.parent / "scripts" / "kernel_sass.py"
-    spec = importlib.util.spec_from_file_location("kernel_sass", path)
-    sass = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sass)
+    sass = load_script("kernel_sass")
     try:
         sass.nvdisasm()
     except SystemExit:
