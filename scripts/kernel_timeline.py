@@ -40,7 +40,7 @@ MARKS = [
     ("scores", "    // 2. softmax statistics"),
     ("softmax statistics", "    // 3. values:"),
     ("values", "    // 4. the last block"),
-    ("counter", "    if (!last_block) return;"),
+    ("counter", "    if (!*last_block) return;"),
     ("merge", "    VX_BARRIER();\n    if (FINISH) {"),
 ]
 PHASES = [name for name, _ in MARKS] + ["output"]
@@ -59,7 +59,7 @@ def instrumented_body() -> str:
         body = body.replace(anchor, f"    VX_TICK({k});\n" + anchor, 1)
     # blocks that stop at the counter zero their last two ticks: every row is written, so the
     # output needs no init_value (a fill per launch, which would sit between chained launches)
-    body = body.replace("    if (!last_block) return;", "    if (!last_block) {\n        if (VX_THREAD_IDX == 0) "
+    body = body.replace("    if (!*last_block) return;", "    if (!*last_block) {\n        if (VX_THREAD_IDX == 0) "
                         "{ ticks[tick_row * 9 + 7] = 0; ticks[tick_row * 9 + 8] = 0; }\n        return;\n    }", 1)
     return body.rstrip() + "\n    VX_TICK(8);\n"
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--key-bits", type=int, default=4)
     ap.add_argument("--chained", type=int, default=0, help="also time N chained launches in one eval")
     args = ap.parse_args(argv)
-    timed = TimedDecode("cuda", ps_budget=4096, target_blocks=264)
+    timed = TimedDecode("cuda", ps_budget=4096, target_blocks=264, smem_words=12288)
     timed.ticks = []
     for S in (int(c) for c in args.contexts.split(",")):
         cache = VeloxKVCache(turboquant_mse.make_codec(HKV, D, args.key_bits, 0),

@@ -74,7 +74,7 @@ class VariantDecode(fused.FusedDecode):
     """FusedDecode compiling a variant of the decode kernel."""
 
     def __init__(self, variant: str):
-        super().__init__("cuda", ps_budget=4096, target_blocks=TARGET_BLOCKS.get(variant, 264))
+        super().__init__("cuda", ps_budget=4096, target_blocks=TARGET_BLOCKS.get(variant, 264), smem_words=12288)
         self.variant = variant
         self.name_suffix = "_" + "".join(ch if ch.isalnum() else "_" for ch in variant)
 

@@ -424,14 +424,15 @@ def test_launch_plans_are_built_once_per_codec_pair():
 
     from velox.kernels.fused import _plan
     k, v = turboquant_mse.make_codec(HKV, D, 4, 0), turboquant_mse.make_codec(HKV, D, 4, 1)
-    p = _plan(k, v, 3, D, 256, D**-0.5, True, False, mx.float16)
-    assert _plan(k, v, 3, D, 256, D**-0.5, True, False, mx.float16) is p
-    assert dict(p.template)["T"] == 256 and dict(p.template)["R"] == 3
-    assert dict(_plan(k, v, 3, D, 512, D**-0.5, True, False, mx.float16).template)["T"] == 512
-    partial = _plan(k, v, 3, D, 256, None, False, False, mx.float32)
+    p = _plan(k, v, 3, D, D**-0.5, True, False, mx.float16, 12288)
+    assert _plan(k, v, 3, D, D**-0.5, True, False, mx.float16, 12288) is p
+    assert dict(p.template)["R"] == 3 and dict(p.template)["PSAME"] is True and p.pair_words == 8192
+    assert _plan(k, v, 3, D, D**-0.5, True, False, mx.float16, 0).pair_words == 0  # no pair tables (Metal)
+    partial = _plan(k, v, 3, D, None, False, False, mx.float32, 12288)
     assert dict(partial.template)["ROTATE"] is False and partial.rotation[0] is partial.dummy
     v2 = turboquant_mse.make_codec(HKV, D, 2, 1)
-    assert dict(_plan(k, v2, 3, D, 256, D**-0.5, True, False, mx.float16).template)["VB"] == 2
+    mixed = _plan(k, v2, 3, D, D**-0.5, True, False, mx.float16, 12288)
+    assert dict(mixed.template)["VB"] == 2 and not dict(mixed.template)["PSAME"] and mixed.pair_words == 8192 + 512
     dropped = weakref.ref(v2)
     del v2
     gc.collect()

@@ -15,7 +15,7 @@ from .fused import FusedDecode, supports
 
 __all__ = ["append", "coded_partial", "decode", "supports", "tokens_per_block"]
 
-_fused = FusedDecode("cuda", ps_budget=4096, target_blocks=264)
+_fused = FusedDecode("cuda", ps_budget=4096, target_blocks=264, smem_words=12288)
 append = _fused.append
 coded_partial = _fused.coded_partial
 decode = _fused.decode

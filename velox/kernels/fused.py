@@ -35,6 +35,7 @@ class CodecTables(NamedTuple):
 
     bits: int              # uniform bit width (0: mixed or not dividing 32)
     shared: bool           # every head and coordinate has the same levels (one lane-replicated table)
+    pair: bool             # shared, 2 or 4 bits, levels exact in fp16: a pair table on tensor cores
     levels: mx.array       # [H, D, 2^bits]
     scale: mx.array        # [H, D]
     mean: mx.array         # [H, D], zeros for codecs without one
@@ -69,7 +70,9 @@ def _hadamard_signs(rotation: np.ndarray) -> Optional[np.ndarray]:
 def _build_tables(codec) -> CodecTables:
     lv = np.array(codec.levels.astype(mx.float32))
     signs = _hadamard_signs(np.array(codec.rotation.astype(mx.float32)))
-    return CodecTables(bits=uniform_bits(codec), shared=bool(np.all(lv == lv[:1, :1])),
+    bits, shared = uniform_bits(codec), bool(np.all(lv == lv[:1, :1]))
+    return CodecTables(bits=bits, shared=shared,
+                       pair=shared and bits in BITS and bool(np.all(lv == lv.astype(np.float16))),
                        levels=_dense(codec.levels), scale=_dense(codec.scale),
                        mean=_dense(mean_or_zeros(codec)),
                        rotation=_dense(codec.rotation), rotation_t=_dense(codec.rotation_t),
@@ -114,15 +117,18 @@ class FusedDecode:
     """The decode kernel compiled for ``backend``.
 
     ps_budget: scores held in shared memory per block (R·T floats), bounded by the backend's
-    shared memory per block; target_blocks: about how many blocks fill the GPU.
+    shared memory per block; target_blocks: about how many blocks fill the GPU; smem_words: the
+    block's static shared memory in 4-byte words where the kernel has pair tables (tensor cores:
+    CUDA), else 0.
     """
 
     name_suffix = ""  # subclasses compiling other sources need other kernel names (MLX caches by name)
 
-    def __init__(self, backend: str, ps_budget: int, target_blocks: int):
+    def __init__(self, backend: str, ps_budget: int, target_blocks: int, smem_words: int = 0):
         self.backend = backend
         self.ps_budget = ps_budget
         self.target_blocks = target_blocks
+        self.smem_words = smem_words
         self._kernel = None
         self._append = None
         self._counter = mx.zeros((0,), mx.uint32)  # per (batch, KV head); zero between launches
@@ -145,11 +151,13 @@ class FusedDecode:
         return getattr(mx.fast, f"{self.backend}_kernel")(name=f"velox_{name}{self.name_suffix}", input_names=inputs,
                                                            output_names=outputs, source=body, header=header)
 
-    def tokens_per_block(self, n: int, groups: int, rep: int) -> int:
+    def tokens_per_block(self, n: int, groups: int, rep: int, table_words: int = 0) -> int:
         """T: a power of two in [64, ps_budget / R] giving about target_blocks blocks (fewer,
-        longer blocks amortise each block's table loads and reductions and keep the merge short)."""
+        longer blocks amortise each block's table loads and reductions and keep the merge short);
+        table_words: pair tables' words, taken from the scores' room (smem_words)."""
+        budget = min(self.ps_budget, self.smem_words - table_words) if table_words else self.ps_budget
         T = 64
-        while T * 2 * rep <= self.ps_budget and -(-n // (T * 2)) * groups >= self.target_blocks:
+        while T * 2 * rep <= budget and -(-n // (T * 2)) * groups >= self.target_blocks:
             T *= 2
         return T
 
@@ -164,8 +172,10 @@ class FusedDecode:
         B, n_kv, _ = kn.shape
         D = q.shape[-1]
         n = kv.n_coded
-        T = self.tokens_per_block(n, B * n_kv, R)
-        plan = _plan(kv.key_codec, kv.value_codec, R, D, T, scale, finish, sinks is not None, out_dtype)
+        plan = _plan(kv.key_codec, kv.value_codec, R, D, scale, finish, sinks is not None, out_dtype, self.smem_words)
+        T = self.tokens_per_block(n, B * n_kv, R, plan.pair_words)
+        template = plan.templates.get(T) or plan.templates.setdefault(
+            T, plan.template + [("T", T), ("PF", min(4, T * D // (_coords_per_thread(R) * THREADS)))])
         n_split = -(-n // T)
         if self._counter.size < B * n_kv:
             self._counter = mx.zeros((max(1024, B * n_kv),), mx.uint32)
@@ -174,7 +184,7 @@ class FusedDecode:
             # n reaches the kernel as an input's length: a contiguous prefix view, no host->device copy
             inputs=[q, q_mean, *plan.rotation, kw, kn, vw, vn, *plan.levels, kn[0, 0, :n],
                     plan.dummy if sinks is None else sinks, *plan.finish, self._counter, self._chain],
-            template=plan.template, grid=(n_split * THREADS, n_kv, B), threadgroup=(THREADS, 1, 1),
+            template=template, grid=(n_split * THREADS, n_kv, B), threadgroup=(THREADS, 1, 1),
             output_shapes=[(B, n_kv * R, 1, D) if finish else (B, n_kv, R, D), (4,) if finish else (B, n_kv, 2, R),
                            (B, n_kv, n_split, 2, R), (B, n_kv, n_split, R, D)],
             output_dtypes=plan.output_dtypes)[:2]
@@ -233,33 +243,56 @@ class LaunchPlan(NamedTuple):
     levels: list               # key levels, value levels
     finish: list               # the output's rotation back (or placeholders)
     dummy: mx.array            # the placeholder input
-    template: list
+    template: list             # all but T and PF
+    templates: dict            # T -> the whole template
+    pair_words: int            # the pair tables' shared memory words (0: none)
     output_dtypes: list
 
 
-def _plan(key_codec, value_codec, R: int, D: int, T: int, scale: Optional[float], finish: bool,
-          has_sinks: bool, out_dtype: mx.Dtype) -> LaunchPlan:
+MIN_SCORES = 2048  # shared-memory words pair tables leave for scores: T >= 512 at 4 query heads
+
+
+def _pairing(kt: CodecTables, vt: CodecTables, D: int, smem_words: int) -> tuple[bool, bool, bool, int]:
+    """(KPAIR, VPAIR, PSAME, the tables' words): pair tables (``CodecTables.pair``) where they
+    leave MIN_SCORES of the block's smem_words, the keys' first; PSAME: the values read the keys'."""
+    def words(t: CodecTables, pair: bool) -> int:
+        k = 1 << t.bits
+        return 32 << 2 * t.bits if pair else 32 * k if t.shared else D // 8 * (8 * k + 1)
+
+    same = kt.pair and vt.pair and kt.bits == vt.bits and bool(mx.array_equal(kt.levels[0, 0], vt.levels[0, 0]))
+    for kp, vp in ((kt.pair, vt.pair), (kt.pair, False)):
+        if kp or vp:
+            total = words(kt, kp) + (0 if kp and vp and same else words(vt, vp))
+            if total + MIN_SCORES <= smem_words:
+                return kp, vp, kp and vp and same, total
+    return False, False, False, 0
+
+
+def _plan(key_codec, value_codec, R: int, D: int, scale: Optional[float], finish: bool,
+          has_sinks: bool, out_dtype: mx.Dtype, smem_words: int) -> LaunchPlan:
     """The launch plan for these codecs and settings, built once (a decode step's Python cost is
     on the CPU's critical path: rebuilding these lists took ~2 µs of its ~11)."""
     plans = per_codec(key_codec, "launch plans", lambda c: {})
-    key = (id(value_codec), R, D, T, scale, finish, has_sinks, out_dtype)
+    key = (id(value_codec), R, D, scale, finish, has_sinks, out_dtype, smem_words)
     plan = plans.get(key)
     if plan is not None and plan.value_codec() is value_codec:  # not a dead codec's id, reused
         return plan
     kt, vt = tables(key_codec), tables(value_codec)
     dummy = _scalar(0.0)
     had = kt.signs is not None and vt.signs is not None
-    cpt = _coords_per_thread(R)
+    kpair, vpair, psame, pair_words = _pairing(kt, vt, D, smem_words)
     plan = LaunchPlan(
         value_codec=weakref.ref(value_codec),
         rotation=[kt.signs if had else kt.rotation, kt.scale, kt.mean, _scalar(scale)] if scale else [dummy] * 4,
         levels=[kt.levels, vt.levels],
         finish=[vt.scale, vt.mean, vt.signs if had else vt.rotation_t] if finish else [dummy] * 3,
         dummy=dummy,
-        template=[("R", R), ("D", D), ("T", T), ("CPT", cpt), ("KB", kt.bits), ("VB", vt.bits),
-                  ("KSH", kt.shared), ("VSH", vt.shared), ("PF", min(4, T * D // (cpt * THREADS))),
+        template=[("R", R), ("D", D), ("CPT", _coords_per_thread(R)), ("KB", kt.bits), ("VB", vt.bits),
+                  ("KSH", kt.shared), ("VSH", vt.shared), ("KPAIR", kpair), ("VPAIR", vpair), ("PSAME", psame),
                   ("ROTATE", scale is not None), ("HAD", had), ("FINISH", finish),
                   ("HAS_SINKS", has_sinks), ("OT", out_dtype)],
+        templates={},
+        pair_words=pair_words,
         output_dtypes=[out_dtype, mx.float32, mx.float32, mx.float32])
     plans[key] = plan
     return plan

@@ -65,7 +65,7 @@ class Prelude(NamedTuple):
 CUDA = Prelude(header=r"""
 #define VX_FUNC __device__ inline
 #define VX_GLOBAL                       // one generic address space: no qualifier
-#define VX_SHARED __shared__
+#define VX_SHARED __shared__ __align__(16)  // 16: the pair tables' 4-word stores
 #define VX_SHARED_PTR
 #define VX_BARRIER() __syncthreads()
 #define VX_SHFL_XOR(x, off) __shfl_xor_sync(0xffffffffu, (x), (off))
@@ -190,7 +190,9 @@ HELPERS = r"""
 DECODE = r"""
     // Template: R query heads per KV head, D = head_dim, T tokens per block, CPT coordinates
     // per thread, KB/VB key/value bits, KSH/VSH one codebook for every coordinate and head,
-    // PF tokens loaded ahead per thread, ROTATE, FINISH, HAS_SINKS, OT (see the module doc).
+    // KPAIR/VPAIR that codebook's levels exact in fp16 (pair tables), PSAME the values' pair
+    // table is the keys', PF tokens loaded ahead per thread, ROTATE, FINISH, HAS_SINKS, OT
+    // (see the module doc).
     constexpr int NT = 128;
     constexpr int NWARPS = NT / 32;
     static_assert(NT % D == 0, "a thread's elements of the [R, D] rows share one coordinate, tid % D");
@@ -201,19 +203,26 @@ DECODE = r"""
 #endif
     constexpr int WK = D * KB / 32, WV = D * VB / 32;        // words per token
     constexpr int KNL = 1 << KB, VNL = 1 << VB;              // levels per codebook
-    constexpr int KTAB = KSH ? KNL * 32 : (D / 8) * (8 * KNL + 1);
-    constexpr int VTAB = VSH ? VNL * 32 : (D / 8) * (8 * VNL + 1);
+#ifdef VX_MMA
+    constexpr bool KP = KPAIR, VP = VPAIR, VPK = VPAIR && PSAME;  // pair tables: tensor cores only
+#else
+    constexpr bool KP = false, VP = false, VPK = false;
+#endif
+    constexpr int KTAB = KP ? 32 << (2 * KB) : KSH ? KNL * 32 : (D / 8) * (8 * KNL + 1);
+    constexpr int VTAB = VPK ? 0 : VP ? 32 << (2 * VB) : VSH ? VNL * 32 : (D / 8) * (8 * VNL + 1);
     constexpr int RED = NWARPS * R * D;         // pass 3's cross-warp reduction
     constexpr float INV_SQRT_D = D == 128 ? 0.08838834764831845f : 0.125f;
-    constexpr int PS0 = R * T > 2 * R * D + R ? R * T : 2 * R * D + R;
+    constexpr int QROWS = 2 * R * D + R + R * D / 32;  // query rows, q·mean, dense rotation's copy, q·mean partials
+    constexpr int PS0 = R * T > QROWS ? R * T : QROWS;
     constexpr int PS = PS0 > RED - KTAB - VTAB ? PS0 : RED - KTAB - VTAB;
     // [key table | value table | query rows, then scores, then probabilities]: one array so
-    // that the reduction and the merge can reuse all of it (Metal: 32 KiB per block).
+    // that the reduction and the merge can reuse all of it, its last word the merge's flag once
+    // the reduction is read (CUDA: 48 KiB of static shared memory per block, Metal: 32 KiB).
     VX_SHARED float smem[KTAB + VTAB + PS];
-    VX_SHARED int last_block;
     VX_SHARED_PTR float* kt = smem;
-    VX_SHARED_PTR float* vt = smem + KTAB;
+    VX_SHARED_PTR float* vt = VPK ? smem : smem + KTAB;
     VX_SHARED_PTR float* ps = smem + KTAB + VTAB;
+    VX_SHARED_PTR int* last_block = (VX_SHARED_PTR int*)(smem + KTAB + VTAB + PS - 1);
 
     const float NEG_INF = VX_NEG_INF;
     const int tid = VX_THREAD_IDX, lane = tid % 32, warp = tid / 32;
@@ -284,11 +293,38 @@ DECODE = r"""
 #else
     #define VX_TAB_PUT(tab, i, x) ((tab)[i] = (x))
 #endif
-    for (int i = tid; i < (KSH ? KNL * 32 : D * KNL); i += NT) {
+    // The query's global reads, issued together before the tables (one round trip, where
+    // the rotation's three reads in turn took ~3 µs): this thread's elements i = tid + j·NT
+    // of the [R, D] rows, and its coordinate tid % D of the rotation's tables.
+    constexpr int QPT = (R * D + NT - 1) / NT;
+    float qv[QPT];
+    #pragma unroll
+    for (int j = 0; j < QPT; j++) qv[j] = tid + j * NT < R * D ? vx_to_float(q[bh * R * D + tid + j * NT]) : 0.f;
+    const float qsg = ROTATE && HAD ? rot[h * D + tid % D] : 1.f;
+    const float qkm = ROTATE ? k_mean[h * D + tid % D] : 0.f;
+    const float qks = ROTATE ? k_scale[h * D + tid % D] : 1.f;
+    const float qsm = ROTATE ? softmax_scale[0] : 1.f;
+#ifdef VX_MMA
+    // Pair tables: entry e, two codes (the first in the low BITS bits), holds both levels as
+    // fp16 in one word, the mma's operand as is: one lookup for two codes, no hi/lo halves (the
+    // levels are exact in fp16). 32 copies of each entry, one per lane (random codes would
+    // collide on banks), written 4 words at a time.
+    #define VX_PAIR_FILL(tab, levels, BITS) do {                                                \
+        for (int i_ = tid; i_ < (8 << (2 * (BITS))); i_ += NT) {                            \
+            const int e_ = i_ >> 3;                                                        \
+            const unsigned int x_ = vx_half2((levels)[e_ & ((1 << (BITS)) - 1)], (levels)[e_ >> (BITS)]); \
+            reinterpret_cast<VX_SHARED_PTR uint4*>(tab)[i_] = make_uint4(x_, x_, x_, x_);   \
+        }                                                                                  \
+    } while (0)
+    if (KP) VX_PAIR_FILL(kt, k_levels, KB);
+    if (VP && !VPK) VX_PAIR_FILL(vt, v_levels, VB);
+    #undef VX_PAIR_FILL
+#endif
+    for (int i = tid; i < (KP ? 0 : KSH ? KNL * 32 : D * KNL); i += NT) {
         if (KSH) VX_TAB_PUT(kt, i, k_levels[i / 32]);  // head 0, coordinate 0: all the same
         else VX_TAB_PUT(kt, (i / KNL / 8) * (8 * KNL + 1) + (i / KNL % 8) * KNL + i % KNL, k_levels[(size_t)h * D * KNL + i]);
     }
-    for (int i = tid; i < (VSH ? VNL * 32 : D * VNL); i += NT) {
+    for (int i = tid; i < (VP ? 0 : VSH ? VNL * 32 : D * VNL); i += NT) {
         if (VSH) VX_TAB_PUT(vt, i, v_levels[i / 32]);
         else VX_TAB_PUT(vt, (i / VNL / 8) * (8 * VNL + 1) + (i / VNL % 8) * VNL + i % VNL, v_levels[(size_t)h * D * VNL + i]);
     }
@@ -299,24 +335,30 @@ DECODE = r"""
     VX_SHARED_PTR float* qmb = ps + R * D;
     if (ROTATE) {
         // HAD: R_k = diag(signs)·H/√D (turboquant's randomized Hadamard), rot holds the signs
-        // [H, D] and q @ R_k is a Walsh-Hadamard transform in shared memory: no D×D matrix
-        // read by every block.
-        VX_SHARED_PTR float* qs = ps + R * D + R;
-        const float sm = softmax_scale[0];
-        for (int i = tid; i < R * D; i += NT)
-            qs[i] = vx_to_float(q[bh * R * D + i]) * (HAD ? rot[h * D + i % D] : 1.f);
-        VX_BARRIER();
-        for (int r = warp; r < R; r += NWARPS) {  // q·mean, from the raw rows (signs undone)
-            float a = 0.f;
-            for (int k = lane; k < D; k += 32) a += qs[r * D + k] * (HAD ? rot[h * D + k] : 1.f) * k_mean[h * D + k];
+        // [H, D] and q @ R_k is a Walsh-Hadamard transform in shared memory, in place: no D×D
+        // matrix read by every block.
+        VX_SHARED_PTR float* qs = ps + R * D + R;       // the dense rotation's raw rows
+        VX_SHARED_PTR float* qmp = ps + 2 * R * D + R;  // q·mean per 32 coordinates
+        #pragma unroll
+        for (int j = 0; j < QPT; j++) {
+            const int i = tid + j * NT;
+            float a = qv[j] * qkm;              // q·mean, from the raw rows: a warp's lanes share a row (D >= 32)
             for (int off = 16; off > 0; off >>= 1) a += VX_SHFL_XOR(a, off);
-            if (lane == 0) qmb[r] = a * sm;
+            if (i < R * D) {
+                if (lane == 0) qmp[i / 32] = a;
+                if (HAD) qb[i] = qv[j] * qsg;
+                else qs[i] = qv[j];
+            }
         }
+        VX_BARRIER();
         if (HAD) {
-            VX_FWHT(qs, R);
-            for (int i = tid; i < R * D; i += NT) qb[i] = qs[i] * (sm * INV_SQRT_D) * k_scale[h * D + i % D];
+            VX_FWHT(qb, R);
+            #pragma unroll
+            for (int j = 0; j < QPT; j++) {
+                if (tid + j * NT < R * D) qb[tid + j * NT] *= qsm * INV_SQRT_D * qks;
+            }
         } else {
-            for (int d = tid; d < D; d += NT) { // one column per thread, every row at once
+            for (int d = tid; d < D; d += NT) { // one column per thread (d = tid), every row at once
                 float a[R];
                 for (int r = 0; r < R; r++) a[r] = 0.f;
                 #pragma unroll 16
@@ -325,11 +367,19 @@ DECODE = r"""
                     #pragma unroll
                     for (int r = 0; r < R; r++) a[r] += qs[r * D + k] * m;
                 }
-                for (int r = 0; r < R; r++) qb[r * D + d] = a[r] * sm * k_scale[h * D + d];
+                for (int r = 0; r < R; r++) qb[r * D + d] = a[r] * qsm * qks;
             }
         }
+        if (tid < R) {
+            float a = 0.f;
+            for (int k = 0; k < D / 32; k++) a += qmp[tid * (D / 32) + k];
+            qmb[tid] = a * qsm;
+        }
     } else {
-        for (int i = tid; i < R * D; i += NT) qb[i] = vx_to_float(q[bh * R * D + i]);
+        #pragma unroll
+        for (int j = 0; j < QPT; j++) {
+            if (tid + j * NT < R * D) qb[tid + j * NT] = qv[j];
+        }
         if (tid < R) qmb[tid] = q_mean[bh * R + tid];
     }
     VX_BARRIER();
@@ -350,6 +400,9 @@ DECODE = r"""
         *(VX_SHARED_PTR unsigned int*)((VX_SHARED_PTR char*)(tab) + ((VX_SHIFT_TO((wd)[(j) * (BITS) / 32], ((j) * (BITS)) % 32, 7) & ((NL - 1u) << 7)) | lane4)) : \
         VX_HL(tab, SH, NL, d, VX_CODE(wd, j, BITS)))
     const unsigned int lane4 = (unsigned int)lane << 2;
+    // the pair-table entry of field f (2·BITS bits from bit 2·BITS·f) of the word x: byte offset (e << 7) | lane·4
+    #define VX_PAIRW(tab, x, f, BITS) *(VX_SHARED_PTR unsigned int*)((VX_SHARED_PTR char*)(tab) + \
+        ((VX_SHIFT_TO((x), (f) * 2 * (BITS), 7) & (((1u << (2 * (BITS))) - 1u) << 7)) | lane4))
 
     // 1. scores on tensor cores: S [16 tokens, 8 query rows] += K [16 tokens, 16 coordinates] ·
     // Q'ᵀ [16 coordinates, 8 rows] per k-tile (vx_mma), K's levels as fp16 hi + lo (two mma).
@@ -374,13 +427,17 @@ DECODE = r"""
                 _Pragma("unroll")
                 for (int i = 0; i < 4; i++) {
                     const int j = 4 * kk + 2 * (i / 2);
-                    const unsigned int x = VX_HLW(kt, KSH, KNL, c * KC + j, w[i % 2], j, KB);
-                    const unsigned int y = VX_HLW(kt, KSH, KNL, c * KC + j + 1, w[i % 2], j + 1, KB);
-                    hi[i] = __byte_perm(x, y, 0x5410);
-                    lo[i] = __byte_perm(x, y, 0x7632);
+                    if (KP) {                   // the pair (j, j + 1) is field j / 2 of the lane's words
+                        hi[i] = VX_PAIRW(kt, w[i % 2][j * KB / 32], (j / 2) % (16 / KB), KB);
+                    } else {
+                        const unsigned int x = VX_HLW(kt, KSH, KNL, c * KC + j, w[i % 2], j, KB);
+                        const unsigned int y = VX_HLW(kt, KSH, KNL, c * KC + j + 1, w[i % 2], j + 1, KB);
+                        hi[i] = __byte_perm(x, y, 0x5410);
+                        lo[i] = __byte_perm(x, y, 0x7632);
+                    }
                 }
                 vx_mma(sc, hi, qf[kk]);
-                vx_mma(sc, lo, qf[kk]);
+                if (!KP) vx_mma(sc, lo, qf[kk]);
             }
             const int ti = tile * 16 + g;       // sc: tokens ti (sc[0], sc[1]) and ti + 8, rows 2c and 2c + 1
             if (2 * c < R) {
@@ -513,19 +570,35 @@ DECODE = r"""
                 pb[0] = vx_half2(ps[ti] * nm[0], ps[ti + 1] * nm[1]);
                 pb[1] = vx_half2(ps[ti + 8] * nm[2], ps[ti + 9] * nm[3]);
             }
+            // pair tables: the codes of tokens u and u + 1 interleaved, field i of word k of pw[u / 2][0]
+            // (of pw[u / 2][1]) holding coordinate 2i (2i + 1) of word k of both
+            constexpr unsigned int LOW = VB == 4 ? 0x0F0F0F0Fu : 0x33333333u;  // the first code of each field
+            unsigned int pw[2][2][VWC];
+            _Pragma("unroll")
+            for (int k = 0; k < (VP ? VWC : 0); k++) {
+                _Pragma("unroll")
+                for (int u = 0; u < 4; u += 2) {
+                    pw[u / 2][0][k] = (w[u][k] & LOW) | ((w[u + 1][k] << VB) & ~LOW);
+                    pw[u / 2][1][k] = ((w[u][k] >> VB) & LOW) | (w[u + 1][k] & ~LOW);
+                }
+            }
             _Pragma("unroll")
             for (int mt = 0; mt < D / 16; mt++) {
                 unsigned int hi[4], lo[4];      // [i]: coordinate 2mt + i % 2, tokens u = 2·(i / 2) and u + 1
                 _Pragma("unroll")
                 for (int i = 0; i < 4; i++) {
                     const int j = 2 * mt + i % 2, u = 2 * (i / 2);
-                    const unsigned int x = VX_HLW(vt, VSH, VNL, g * VC + j, w[u], j, VB);
-                    const unsigned int y = VX_HLW(vt, VSH, VNL, g * VC + j, w[u + 1], j, VB);
-                    hi[i] = __byte_perm(x, y, 0x5410);
-                    lo[i] = __byte_perm(x, y, 0x7632);
+                    if (VP) {                   // coordinate 2mt: field mt of the pair words
+                        hi[i] = VX_PAIRW(vt, pw[i / 2][i % 2][mt / (16 / VB)], mt % (16 / VB), VB);
+                    } else {
+                        const unsigned int x = VX_HLW(vt, VSH, VNL, g * VC + j, w[u], j, VB);
+                        const unsigned int y = VX_HLW(vt, VSH, VNL, g * VC + j, w[u + 1], j, VB);
+                        hi[i] = __byte_perm(x, y, 0x5410);
+                        lo[i] = __byte_perm(x, y, 0x7632);
+                    }
                 }
                 vx_mma(o[mt], hi, pb);
-                vx_mma(o[mt], lo, pb);
+                if (!VP) vx_mma(o[mt], lo, pb);
             }
         });
         VX_BARRIER();  // every thread is done with the tables and probabilities: smem becomes the reduction buffer
@@ -599,6 +672,7 @@ DECODE = r"""
     #undef VX_HL
     #undef VX_HLW
     #undef VX_SHIFT_TO
+    #undef VX_PAIRW
 #endif
     VX_BARRIER();
     for (int e = tid; e < R * D; e += NT) {
@@ -611,9 +685,9 @@ DECODE = r"""
     // 4. the last block of this (batch, KV head) merges every split's partial
     VX_DEVICE_FENCE();                          // this block's partials, visible to the last block
     VX_BARRIER();
-    if (tid == 0) last_block = VX_ATOMIC_INC(counter + bh) == (unsigned int)(n_split - 1);
+    if (tid == 0) *last_block = VX_ATOMIC_INC(counter + bh) == (unsigned int)(n_split - 1);
     VX_BARRIER();
-    if (!last_block) return;
+    if (!*last_block) return;
     if (tid == 0) VX_ATOMIC_RESET(counter + bh);  // every block has counted: zero for the next launch
     // the output's per-coordinate tables, read now so that their round trip overlaps the merge
     const float vsc = FINISH && HAD ? v_scale[h * D + tid % D] : 0.f;
@@ -627,7 +701,7 @@ DECODE = r"""
     VX_SHARED_PTR float* ys = smem + 4 * R;     // merged value sums [R, D]
     // CH splits at a time: their weights exp(m_split − top) [CH, R] in wt; the first CH splits'
     // (max, Σ exp) [CH, 2, R] read from global memory once, into mls (three reads were three round trips)
-    constexpr int CH = (KTAB + VTAB + PS - 4 * R - R * D) / (3 * R);
+    constexpr int CH = (KTAB + VTAB + PS - 1 - 4 * R - R * D) / (3 * R);  // - 1: the flag
     VX_SHARED_PTR float* wt = ys + R * D;
     VX_SHARED_PTR float* mls = wt + CH * R;
     const VX_GLOBAL float* pml = part_ml + bh * n_split * 2 * R;
