@@ -39,7 +39,7 @@ MARKS = [
     ("query rotation", "    VX_BARRIER();\n\n    // code j of this thread's words wd"),
     ("scores", "    // 2. softmax statistics"),
     ("softmax statistics", "    // 3. values:"),
-    ("values", "    // 4. the last block"),
+    ("values", "    // 4. the merge"),
     ("counter", "    if (!*last_block) return;"),
     ("merge", "    VX_BARRIER();\n    if (FINISH) {"),
 ]
@@ -57,10 +57,10 @@ def instrumented_body() -> str:
         if anchor not in body:
             raise SystemExit(f"the decode body changed: no {anchor!r} to time")
         body = body.replace(anchor, f"    VX_TICK({k});\n" + anchor, 1)
-    # blocks that stop at the counter zero their last two ticks: every row is written, so the
+    # blocks that stop at a counter (either level of the merge) zero their last two ticks: every row is written, so the
     # output needs no init_value (a fill per launch, which would sit between chained launches)
     body = body.replace("    if (!*last_block) return;", "    if (!*last_block) {\n        if (VX_THREAD_IDX == 0) "
-                        "{ ticks[tick_row * 9 + 7] = 0; ticks[tick_row * 9 + 8] = 0; }\n        return;\n    }", 1)
+                        "{ ticks[tick_row * 9 + 7] = 0; ticks[tick_row * 9 + 8] = 0; }\n        return;\n    }")
     return body.rstrip() + "\n    VX_TICK(8);\n"
 
 

@@ -433,6 +433,12 @@ def test_launch_plans_are_built_once_per_codec_pair():
     v2 = turboquant_mse.make_codec(HKV, D, 2, 1)
     mixed = _plan(k, v2, 3, D, D**-0.5, True, False, mx.float16, 12288)
     assert dict(mixed.template)["VB"] == 2 and not dict(mixed.template)["PSAME"] and mixed.pair_words == 8192 + 512
+    # pair tables take their shared memory from the scores': T = 1024 tokens at 64k fits next to
+    # one 4-bit table (8192 words + 4 × 1024 = 48 KiB), 512 next to a 4-bit and a 2-bit one
+    from velox.kernels.fused import FusedDecode
+    cuda = FusedDecode("cuda", ps_budget=4096, target_blocks=264, smem_words=12288)
+    assert cuda.tokens_per_block(65536, 8, 4, p.pair_words) == 1024
+    assert cuda.tokens_per_block(65536, 8, 4, mixed.pair_words) == 512
     dropped = weakref.ref(v2)
     del v2
     gc.collect()

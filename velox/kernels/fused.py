@@ -24,6 +24,7 @@ from ..methods.scalar import mean_or_zeros, per_codec, uniform_bits
 from .reference import CompressedKV
 
 THREADS = 128  # 4 warps (SIMD groups); the body's NT
+MERGE_GROUP = 8  # splits per first-level merge (the body's MG): ~1 round trip of loads
 BITS = (2, 4)
 
 
@@ -131,7 +132,7 @@ class FusedDecode:
         self.smem_words = smem_words
         self._kernel = None
         self._append = None
-        self._counter = mx.zeros((0,), mx.uint32)  # per (batch, KV head); zero between launches
+        self._counter = mx.zeros((0,), mx.uint32)  # the merge's counters (see _launch); zero between launches
         self._chain = _scalar(0.0)  # the last launch's output: orders launches (shared counter, appends)
 
     def kernel(self):
@@ -177,8 +178,9 @@ class FusedDecode:
         template = plan.templates.get(T) or plan.templates.setdefault(
             T, plan.template + [("T", T), ("PF", min(4, T * D // (_coords_per_thread(R) * THREADS)))])
         n_split = -(-n // T)
-        if self._counter.size < B * n_kv:
-            self._counter = mx.zeros((max(1024, B * n_kv),), mx.uint32)
+        counters = B * n_kv * (1 + -(-n_split // MERGE_GROUP))  # per (batch, KV head) and per group of splits
+        if self._counter.size < counters:
+            self._counter = mx.zeros((max(1024, counters),), mx.uint32)
             mx.eval(self._counter)
         out, ml = self.kernel()(
             # n reaches the kernel as an input's length: a contiguous prefix view, no host->device copy
@@ -289,6 +291,7 @@ def _plan(key_codec, value_codec, R: int, D: int, scale: Optional[float], finish
         dummy=dummy,
         template=[("R", R), ("D", D), ("CPT", _coords_per_thread(R)), ("KB", kt.bits), ("VB", vt.bits),
                   ("KSH", kt.shared), ("VSH", vt.shared), ("KPAIR", kpair), ("VPAIR", vpair), ("PSAME", psame),
+                  ("MG", MERGE_GROUP),
                   ("ROTATE", scale is not None), ("HAD", had), ("FINISH", finish),
                   ("HAS_SINKS", has_sinks), ("OT", out_dtype)],
         templates={},

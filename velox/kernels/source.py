@@ -173,11 +173,15 @@ HELPERS = r"""
 
 // In-place unnormalised Walsh-Hadamard transform (Sylvester order) of the NR rows of the
 // shared array buf [NR, D]; every thread of the block must reach it (barriers inside).
+// Bit operations for the butterflies' indices (a division by hh_ took ~20 instructions), loops
+// kept rolled (unrolled, ptxas gave the decode kernel 156 registers instead of 120).
 #define VX_FWHT(buf, NR) do {                                                               \
+        _Pragma("unroll 1")                                                                \
         for (int hh_ = 1; hh_ < D; hh_ <<= 1) {                                            \
+            _Pragma("unroll 1")                                                            \
             for (int i_ = tid; i_ < (NR) * D / 2; i_ += NT) {                              \
                 const int j_ = i_ % (D / 2);                                               \
-                const int a_ = (i_ / (D / 2)) * D + (j_ / hh_) * 2 * hh_ + j_ % hh_;       \
+                const int a_ = (i_ / (D / 2)) * D + ((j_ & ~(hh_ - 1)) << 1) + (j_ & (hh_ - 1)); \
                 const float x_ = (buf)[a_], y_ = (buf)[a_ + hh_];                           \
                 (buf)[a_] = x_ + y_;                                                       \
                 (buf)[a_ + hh_] = x_ - y_;                                                 \
@@ -191,8 +195,8 @@ DECODE = r"""
     // Template: R query heads per KV head, D = head_dim, T tokens per block, CPT coordinates
     // per thread, KB/VB key/value bits, KSH/VSH one codebook for every coordinate and head,
     // KPAIR/VPAIR that codebook's levels exact in fp16 (pair tables), PSAME the values' pair
-    // table is the keys', PF tokens loaded ahead per thread, ROTATE, FINISH, HAS_SINKS, OT
-    // (see the module doc).
+    // table is the keys', PF tokens loaded ahead per thread, MG splits per first-level merge,
+    // ROTATE, FINISH, HAS_SINKS, OT (see the module doc).
     constexpr int NT = 128;
     constexpr int NWARPS = NT / 32;
     static_assert(NT % D == 0, "a thread's elements of the [R, D] rows share one coordinate, tid % D");
@@ -308,10 +312,11 @@ DECODE = r"""
     // Pair tables: entry e, two codes (the first in the low BITS bits), holds both levels as
     // fp16 in one word, the mma's operand as is: one lookup for two codes, no hi/lo halves (the
     // levels are exact in fp16). 32 copies of each entry, one per lane (random codes would
-    // collide on banks), written 4 words at a time.
+    // collide on banks), written 4 words at a time; unrolled, so that the levels' reads go out together.
     #define VX_PAIR_FILL(tab, levels, BITS) do {                                                \
-        for (int i_ = tid; i_ < (8 << (2 * (BITS))); i_ += NT) {                            \
-            const int e_ = i_ >> 3;                                                        \
+        _Pragma("unroll")                                                                  \
+        for (int k_ = 0; k_ < (8 << (2 * (BITS))) / NT; k_++) {                            \
+            const int i_ = tid + k_ * NT, e_ = i_ >> 3;                                     \
             const unsigned int x_ = vx_half2((levels)[e_ & ((1 << (BITS)) - 1)], (levels)[e_ >> (BITS)]); \
             reinterpret_cast<VX_SHARED_PTR uint4*>(tab)[i_] = make_uint4(x_, x_, x_, x_);   \
         }                                                                                  \
@@ -682,13 +687,20 @@ DECODE = r"""
         part_acc[(bh * n_split + split) * R * D + e] = s;
     }
 
-    // 4. the last block of this (batch, KV head) merges every split's partial
-    VX_DEVICE_FENCE();                          // this block's partials, visible to the last block
+    // 4. the merge, in two levels so that the last block's tail is short: the last block of each
+    // group of MG (a template argument) splits to finish merges the group's partials into the group's first slot, and
+    // the last group to be merged merges the groups' (a single group: the splits, to the output)
+    const int n_group = (n_split + MG - 1) / MG, grp = split / MG;
+    const int nbh = n_kv * VX_GRID_DIM(z);
+    VX_DEVICE_FENCE();                          // this block's partials, visible to the merging block
     VX_BARRIER();
-    if (tid == 0) *last_block = VX_ATOMIC_INC(counter + bh) == (unsigned int)(n_split - 1);
+    int first = n_group == 1 ? 0 : grp * MG;    // the partials to merge: slots first + k·stride, k < nmerge
+    int nmerge = n_group == 1 ? n_split : (n_split - first < MG ? n_split - first : MG), stride = 1;
+    const VX_GLOBAL unsigned int* cnt = counter + (n_group == 1 ? bh : nbh + bh * n_group + grp);
+    if (tid == 0) *last_block = VX_ATOMIC_INC(cnt) == (unsigned int)(nmerge - 1);
     VX_BARRIER();
     if (!*last_block) return;
-    if (tid == 0) VX_ATOMIC_RESET(counter + bh);  // every block has counted: zero for the next launch
+    if (tid == 0) VX_ATOMIC_RESET(cnt);         // every block has counted: zero for the next launch
     // the output's per-coordinate tables, read now so that their round trip overlaps the merge
     const float vsc = FINISH && HAD ? v_scale[h * D + tid % D] : 0.f;
     const float vsg = FINISH && HAD ? rot_t[h * D + tid % D] : 0.f;
@@ -699,88 +711,80 @@ DECODE = r"""
     VX_SHARED_PTR float* scale_a = smem + 2 * R;
     VX_SHARED_PTR float* denom = smem + 3 * R;
     VX_SHARED_PTR float* ys = smem + 4 * R;     // merged value sums [R, D]
-    // CH splits at a time: their weights exp(m_split − top) [CH, R] in wt; the first CH splits'
-    // (max, Σ exp) [CH, 2, R] read from global memory once, into mls (three reads were three round trips)
-    constexpr int CH = (KTAB + VTAB + PS - 1 - 4 * R - R * D) / (3 * R);  // - 1: the flag
-    VX_SHARED_PTR float* wt = ys + R * D;
-    VX_SHARED_PTR float* mls = wt + CH * R;
-    const VX_GLOBAL float* pml = part_ml + bh * n_split * 2 * R;
-    const VX_GLOBAL float* pacc = part_acc + bh * n_split * R * D;
-    for (int r = warp; r < R; r += NWARPS) {
-        float m = NEG_INF;
-        for (int s = lane; s < n_split; s += 32) {
-            const float ms = VX_LOAD_CG(pml + s * 2 * R + r);
-            if (s < CH) {                       // read back by this lane only: no barrier
-                mls[s * 2 * R + r] = ms;
-                mls[(s * 2 + 1) * R + r] = VX_LOAD_CG(pml + (s * 2 + 1) * R + r);
-            }
-            m = VX_MAX(m, ms);
-        }
-        #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) m = VX_MAX(m, VX_SHFL_XOR(m, off));
-        float l = 0.f;
-        for (int s = lane; s < n_split; s += 32)
-            l += s < CH ? mls[(s * 2 + 1) * R + r] * VX_EXP(mls[s * 2 * R + r] - m)
-                        : VX_LOAD_CG(pml + (s * 2 + 1) * R + r) * VX_EXP(VX_LOAD_CG(pml + s * 2 * R + r) - m);
-        #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) l += VX_SHFL_XOR(l, off);
-        if (lane == 0) {
-            float a = 1.f, dn = l;              // a: rescale of the coded terms when a sink logit is the max
-            if (HAS_SINKS) {                    // a sink logit is a key with no value
-                const float sink = vx_to_float(sinks[h * R + r]);
-                const float new_top = VX_MAX(m, sink);
-                a = VX_EXP(m - new_top);
-                dn = l * a + VX_EXP(sink - new_top);
-            }
-            top[r] = m;
-            sum[r] = l;
-            scale_a[r] = a;
-            denom[r] = dn;
-        }
-    }
-    VX_BARRIER();
-    // Σ_s exp(m_s − top)·partial_s, CH splits at a time: their weights in shared memory, then
-    // MB partials' 16-byte loads issued together (no branch between them: a load guarded by
-    // one serialised the loop, ~0.15 µs per split)
-    constexpr int MB = 16;
-    for (int e = 4 * tid; e < R * D; e += 4 * NT) ys[e] = ys[e + 1] = ys[e + 2] = ys[e + 3] = 0.f;
-    for (int s0 = 0; s0 < n_split; s0 += CH) {
-        const int ns = n_split - s0 < CH ? n_split - s0 : CH;
-        for (int i = tid; i < ns * R; i += NT)
-            wt[i] = VX_EXP((s0 == 0 ? mls[(i / R) * 2 * R + i % R] : VX_LOAD_CG(pml + (s0 + i / R) * 2 * R + i % R)) - top[i % R]);
-        VX_BARRIER();
-        for (int e = 4 * tid; e < R * D; e += 4 * NT) {  // four coordinates per thread: 16-byte loads
+    VX_GLOBAL float* pml = part_ml + bh * n_split * 2 * R;
+    VX_GLOBAL float* pacc = part_acc + bh * n_split * R * D;
+    for (;;) {
+        // Online: each thread's four coordinates (16-byte loads) and its row's max and Σ exp, MB
+        // partials' loads issued together (no branch between them: indices clamped, weights 0)
+        constexpr int MB = 8;
+        for (int e = 4 * tid; e < R * D; e += 4 * NT) {
             const int r = e / D;
-            const VX_GLOBAL float* pe = pacc + (size_t)s0 * R * D + e;
-            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-            int s = 0;
-            for (; s + MB <= ns; s += MB) {
+            float m = NEG_INF, l = 0.f, a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+            for (int s0 = 0; s0 < nmerge; s0 += MB) {
                 float4 v[MB];
-                #pragma unroll
-                for (int j = 0; j < MB; j++) v[j] = VX_LOAD_CG4(pe + (size_t)(s + j) * R * D);
+                float ms[MB], ls[MB];
                 #pragma unroll
                 for (int j = 0; j < MB; j++) {
-                    const float w = wt[(s + j) * R + r];
+                    const int slot = first + (s0 + j < nmerge ? s0 + j : nmerge - 1) * stride;
+                    v[j] = VX_LOAD_CG4(pacc + (size_t)slot * R * D + e);
+                    ms[j] = VX_LOAD_CG(pml + slot * 2 * R + r);
+                    ls[j] = VX_LOAD_CG(pml + slot * 2 * R + R + r);
+                }
+                float mb = m;
+                #pragma unroll
+                for (int j = 0; j < MB; j++) mb = VX_MAX(mb, ms[j]);
+                const float sc = m == NEG_INF ? 0.f : VX_EXP(m - mb);
+                l *= sc;
+                a0 *= sc;
+                a1 *= sc;
+                a2 *= sc;
+                a3 *= sc;
+                #pragma unroll
+                for (int j = 0; j < MB; j++) {
+                    const float w = s0 + j < nmerge ? VX_EXP(ms[j] - mb) : 0.f;
+                    l += ls[j] * w;
                     a0 += v[j].x * w;
                     a1 += v[j].y * w;
                     a2 += v[j].z * w;
                     a3 += v[j].w * w;
                 }
+                m = mb;
             }
-            for (; s < ns; s++) {
-                const float4 v = VX_LOAD_CG4(pe + (size_t)s * R * D);
-                const float w = wt[s * R + r];
-                a0 += v.x * w;
-                a1 += v.y * w;
-                a2 += v.z * w;
-                a3 += v.w * w;
+            ys[e] = a0;
+            ys[e + 1] = a1;
+            ys[e + 2] = a2;
+            ys[e + 3] = a3;
+            if (e % D == 0) {
+                top[r] = m;
+                sum[r] = l;
             }
-            ys[e] += a0;
-            ys[e + 1] += a1;
-            ys[e + 2] += a2;
-            ys[e + 3] += a3;
         }
-        VX_BARRIER();                           // before the next chunk's weights replace these
+        VX_BARRIER();
+        if (n_group == 1 || stride == MG) break;
+        // a group merged: its partial into the group's first slot, then the groups' merge
+        for (int e = tid; e < R * D; e += NT) pacc[(size_t)first * R * D + e] = ys[e];
+        if (tid < 2 * R) pml[first * 2 * R + tid] = tid < R ? top[tid] : sum[tid - R];
+        VX_DEVICE_FENCE();
+        VX_BARRIER();
+        if (tid == 0) *last_block = VX_ATOMIC_INC(counter + bh) == (unsigned int)(n_group - 1);
+        VX_BARRIER();
+        if (!*last_block) return;
+        if (tid == 0) VX_ATOMIC_RESET(counter + bh);
+        VX_DEVICE_FENCE();
+        first = 0;
+        nmerge = n_group;
+        stride = MG;
+    }
+    if (tid < R) {                              // a: rescale of the coded terms when a sink logit is the max
+        float a = 1.f, dn = sum[tid];
+        if (HAS_SINKS) {                        // a sink logit is a key with no value
+            const float sink = vx_to_float(sinks[h * R + tid]);
+            const float new_top = VX_MAX(top[tid], sink);
+            a = VX_EXP(top[tid] - new_top);
+            dn = sum[tid] * a + VX_EXP(sink - new_top);
+        }
+        scale_a[tid] = a;
+        denom[tid] = dn;
     }
     VX_BARRIER();
     if (FINISH) {
