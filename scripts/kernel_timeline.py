@@ -69,24 +69,25 @@ class TimedDecode(fused.FusedDecode):
     block stopped early, i.e. past the counter for all but the last block of a head), one array
     per launch in ``ticks``."""
 
-    def kernel(self):
-        if self._kernel is None:
-            header = source.render("decode", "cuda")[0] + TICK
-            index = source.CUDA.index
-            k = mx.fast.cuda_kernel(name="velox_decode_timed", input_names=source.INPUTS,
-                                    output_names=source.OUTPUTS + ["ticks"], source=index + instrumented_body(),
-                                    header=header)
+    name_suffix = "_timed"
 
-            def call(**kw):
-                gx, gy, gz = kw["grid"]
-                kw["output_shapes"] = kw["output_shapes"] + [(gx // fused.THREADS * gy * gz * 9,)]
-                kw["output_dtypes"] = kw["output_dtypes"] + [mx.uint64]
-                outs = k(**kw)
-                self.ticks.append(outs[-1])
-                return outs[:-1]
+    def _compile(self, name: str, template: tuple):
+        if name != "decode":
+            return super()._compile(name, template)
+        header = source.compact(source.render("decode", "cuda")[0] + TICK)
+        body = source.compact(source.constants(template, "cuda") + source.CUDA.index + instrumented_body())
+        k = mx.fast.cuda_kernel(name=f"velox_decode_timed_{abs(hash(body))}", input_names=source.INPUTS,
+                                output_names=source.OUTPUTS + ["ticks"], source=body, header=header)
 
-            self._kernel = call
-        return self._kernel
+        def call(**kw):
+            gx, gy, gz = kw["grid"]
+            kw["output_shapes"] = kw["output_shapes"] + [(gx // fused.THREADS * gy * gz * 9,)]
+            kw["output_dtypes"] = kw["output_dtypes"] + [mx.uint64]
+            outs = k(**kw)
+            self.ticks.append(outs[-1])
+            return outs[:-1]
+
+        return call
 
 
 def main(argv=None) -> int:

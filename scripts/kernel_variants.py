@@ -14,6 +14,7 @@ Variants (some give wrong results on purpose, to time what is left):
   nolut         no table lookups (the code itself stands in for its level): wrong results
   nomma         no mma instructions (an XOR of the fragments instead): wrong results
   loads         neither: what loading and unpacking the codes alone costs
+  latek         the first key tiles start loading after the query rotation, not before the tables
   file:PATH     the kernel of another copy of source.py (e.g. ``git show REV:velox/kernels/source.py``)
 
     python3 scripts/kernel_variants.py --variants plain,pft1,pft4,tb132,tb528,nolut,nomma,loads
@@ -51,6 +52,9 @@ EDITS = {
                     "    if (false) asm(\"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32")],
 }
 EDITS["loads"] = EDITS["nolut"] + EDITS["nomma"]
+KSTART = "    VX_START_TILES(kw, kn, kring, knring, KWC, WK, c * KWC, 2, g + 8 * u_);\n"
+LANE4 = "    const unsigned int lane4 = (unsigned int)lane << 2;\n"
+EDITS["latek"] = [(KSTART, ""), (LANE4, LANE4 + KSTART)]  # the first key tiles load after the query rotation
 TARGET_BLOCKS = {"tb132": 132, "tb528": 528}
 
 

@@ -81,9 +81,7 @@ def mlx_cuda_source(inputs: list[str], input_types: list[str], outputs: list[str
         if f"{n}_shape" in body:
             args.append(f"const __grid_constant__ Shape {n}_shape")
     args += [f"{CUDA_TYPES[t]}* {n}" for n, t in zip(outputs, output_types)]
-    consts = "".join(f"  constexpr bool {k} = {str(v).lower()};\n" if isinstance(v, bool) else
-                     f"  constexpr int {k} = {v};\n" if isinstance(v, int) else f"  using {k} = {CUDA_TYPES[v]};\n"
-                     for k, v in template.items())
+    consts = source.constants(template.items(), "cuda")  # FusedDecode bakes the template into the body
     return ("#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
             "typedef unsigned int uint32_t;\ntypedef unsigned char uint8_t;\n"
             "struct Shape { int v[8]; __device__ int operator[](int i) const { return v[i]; } };\n"
@@ -135,7 +133,7 @@ def decode_unit(header: str, body: str, extra_outputs: tuple[tuple[str, str], ..
     t = {**BENCH_TEMPLATE, **template}
     return mlx_cuda_source(inputs, [DECODE_INPUT_TYPES.get(n, "float32") for n in inputs],
                            outputs + [n for n, _ in extra_outputs],
-                           [t["OT"]] + ["float32"] * 3 + [ty for _, ty in extra_outputs], header, body, t)
+                           [t["OT"]] + ["float32"] + [ty for _, ty in extra_outputs], header, body, t)
 
 
 def load_script(name: str):

@@ -12,6 +12,7 @@ cache's buffers in place (one launch instead of a dozen small ops and four slice
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 from functools import lru_cache
 from typing import Any, Callable, NamedTuple, Optional
@@ -130,27 +131,33 @@ class FusedDecode:
         self.ps_budget = ps_budget
         self.target_blocks = target_blocks
         self.smem_words = smem_words
-        self._kernel = None
-        self._append = None
+        self._kernels = {}  # template -> compiled kernel
         self._counter = mx.zeros((0,), mx.uint32)  # the merge's counters (see _launch); zero between launches
+        self._scratch = mx.zeros((0,), mx.float32)  # the splits' partials (see _launch)
         self._chain = _scalar(0.0)  # the last launch's output: orders launches (shared counter, appends)
 
-    def kernel(self):
-        """The kernel, compiled on first use."""
-        if self._kernel is None:
-            self._kernel = self._compile("decode")
-        return self._kernel
+    def kernel(self, name: str, template: tuple):
+        """Kernel ``name`` ('decode' or 'append') specialised to ``template`` ((name, value)
+        pairs), compiled on first use."""
+        kernel = self._kernels.get(template)
+        if kernel is None:
+            kernel = self._kernels[template] = self._compile(name, template)
+        return kernel
 
     def _source(self, name: str) -> tuple[str, str]:
         """(header, body) of kernel ``name`` for this backend (scripts/kernel_variants.py edits it)."""
         return source.render(name, self.backend)
 
-    def _compile(self, name: str):
-        """``source.KERNELS[name]`` with this backend's wrapper (cuda_kernel / metal_kernel)."""
+    def _compile(self, name: str, template: tuple):
+        """``source.KERNELS[name]`` with ``template`` baked in, with this backend's wrapper
+        (cuda_kernel / metal_kernel: MLX caches compiled kernels by name, hence the digest)."""
         inputs, outputs, _ = source.KERNELS[name]
-        header, body = (source.compact(x) for x in self._source(name))
-        return getattr(mx.fast, f"{self.backend}_kernel")(name=f"velox_{name}{self.name_suffix}", input_names=inputs,
-                                                           output_names=outputs, source=body, header=header)
+        header, body = self._source(name)
+        header, body = source.compact(header), source.compact(source.constants(template, self.backend) + body)
+        digest = hashlib.sha1(body.encode()).hexdigest()[:16]
+        return getattr(mx.fast, f"{self.backend}_kernel")(name=f"velox_{name}{self.name_suffix}_{digest}",
+                                                           input_names=inputs, output_names=outputs, source=body,
+                                                           header=header)
 
     def tokens_per_block(self, n: int, groups: int, rep: int, table_words: int = 0) -> int:
         """T: a power of two in [64, ps_budget / R] giving about target_blocks blocks (fewer,
@@ -176,20 +183,23 @@ class FusedDecode:
         plan = _plan(kv.key_codec, kv.value_codec, R, D, scale, finish, sinks is not None, out_dtype, self.smem_words)
         T = self.tokens_per_block(n, B * n_kv, R, plan.pair_words)
         template = plan.templates.get(T) or plan.templates.setdefault(
-            T, plan.template + [("T", T), ("PF", min(4, T * D // (_coords_per_thread(R) * THREADS)))])
+            T, tuple(plan.template + [("T", T), ("PF", min(4, T * D // (_coords_per_thread(R) * THREADS)))]))
         n_split = -(-n // T)
         counters = B * n_kv * (1 + -(-n_split // MERGE_GROUP))  # per (batch, KV head) and per group of splits
         if self._counter.size < counters:
             self._counter = mx.zeros((max(1024, counters),), mx.uint32)
             mx.eval(self._counter)
-        out, ml = self.kernel()(
+        partials = B * n_kv * n_split * R * (2 + D)  # the splits' (max, Σ exp) and value sums
+        if self._scratch.size < partials:
+            self._scratch = mx.zeros((max(1 << 16, 2 * partials),), mx.float32)
+            mx.eval(self._scratch)
+        out, ml = self.kernel("decode", template)(
             # n reaches the kernel as an input's length: a contiguous prefix view, no host->device copy
             inputs=[q, q_mean, *plan.rotation, kw, kn, vw, vn, *plan.levels, kn[0, 0, :n],
-                    plan.dummy if sinks is None else sinks, *plan.finish, self._counter, self._chain],
-            template=template, grid=(n_split * THREADS, n_kv, B), threadgroup=(THREADS, 1, 1),
-            output_shapes=[(B, n_kv * R, 1, D) if finish else (B, n_kv, R, D), (4,) if finish else (B, n_kv, 2, R),
-                           (B, n_kv, n_split, 2, R), (B, n_kv, n_split, R, D)],
-            output_dtypes=plan.output_dtypes)[:2]
+                    plan.dummy if sinks is None else sinks, *plan.finish, self._counter, self._scratch, self._chain],
+            grid=(n_split * THREADS, n_kv, B), threadgroup=(THREADS, 1, 1),
+            output_shapes=[(B, n_kv * R, 1, D) if finish else (B, n_kv, R, D), (4,) if finish else (B, n_kv, 2, R)],
+            output_dtypes=plan.output_dtypes)
         self._chain = out
         return [out, ml]
 
@@ -214,16 +224,14 @@ class FusedDecode:
         kt, vt = tables(key_codec), tables(value_codec)
         (kw, kn), (vw, vn) = key_parts, value_parts
         B, H, _, D = keys.shape
-        if self._append is None:
-            self._append = self._compile("append")
-        done = self._append(
+        template = (("D", D), ("KB", kt.bits), ("VB", vt.bits), ("KHAD", kt.signs is not None),
+                    ("VHAD", vt.signs is not None), ("KNB", kt.boundaries.shape[-1]),
+                    ("VNB", vt.boundaries.shape[-1]), ("NDT", kn.dtype))
+        done = self.kernel("append", template)(
             # the slot reaches the kernel as an input's length (a prefix view, no host->device copy)
             inputs=[keys, values, kt.mean, kt.rotation if kt.signs is None else kt.signs, kt.scale, kt.boundaries,
                     vt.mean, vt.rotation if vt.signs is None else vt.signs, vt.scale, vt.boundaries,
                     kw, kn, vw, vn, kn[0, 0, :slot + 1], self._chain],
-            template=[("D", D), ("KB", kt.bits), ("VB", vt.bits), ("KHAD", kt.signs is not None),
-                      ("VHAD", vt.signs is not None), ("KNB", kt.boundaries.shape[-1]),
-                      ("VNB", vt.boundaries.shape[-1]), ("NDT", kn.dtype)],
             grid=(THREADS, H, 2 * B), threadgroup=(THREADS, 1, 1),
             output_shapes=[(4,)], output_dtypes=[mx.float32])[0]  # (4,): see _scalar
         self._chain = done
@@ -246,7 +254,7 @@ class LaunchPlan(NamedTuple):
     finish: list               # the output's rotation back (or placeholders)
     dummy: mx.array            # the placeholder input
     template: list             # all but T and PF
-    templates: dict            # T -> the whole template
+    templates: dict            # T -> the whole template, a tuple
     pair_words: int            # the pair tables' shared memory words (0: none)
     output_dtypes: list
 
@@ -296,7 +304,7 @@ def _plan(key_codec, value_codec, R: int, D: int, scale: Optional[float], finish
                   ("HAS_SINKS", has_sinks), ("OT", out_dtype)],
         templates={},
         pair_words=pair_words,
-        output_dtypes=[out_dtype, mx.float32, mx.float32, mx.float32])
+        output_dtypes=[out_dtype, mx.float32])
     plans[key] = plan
     return plan
 
