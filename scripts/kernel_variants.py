@@ -14,7 +14,7 @@ Variants (some give wrong results on purpose, to time what is left):
   nolut         no table lookups (the code itself stands in for its level): wrong results
   nomma         no mma instructions (an XOR of the fragments instead): wrong results
   loads         neither: what loading and unpacking the codes alone costs
-  latek         the first key tiles start loading after the query rotation, not before the tables
+  earlyk        the first key tiles start loading before the tables, not after the query rotation
   file:PATH     the kernel of another copy of source.py (e.g. ``git show REV:velox/kernels/source.py``)
 
     python3 scripts/kernel_variants.py --variants plain,pft1,pft4,tb132,tb528,nolut,nomma,loads
@@ -54,7 +54,8 @@ EDITS = {
 EDITS["loads"] = EDITS["nolut"] + EDITS["nomma"]
 KSTART = "    VX_START_TILES(kw, kn, kring, knring, KWC, WK, c * KWC, 2, g + 8 * u_);\n"
 LANE4 = "    const unsigned int lane4 = (unsigned int)lane << 2;\n"
-EDITS["latek"] = [(KSTART, ""), (LANE4, LANE4 + KSTART)]  # the first key tiles load after the query rotation
+KRING = "    float knring[PFT][2];\n"
+EDITS["earlyk"] = [(LANE4 + KSTART, LANE4), (KRING, KRING + KSTART)]  # the first key tiles load before the tables
 TARGET_BLOCKS = {"tb132": 132, "tb528": 528}
 
 

@@ -189,7 +189,7 @@ class FusedDecode:
         if self._counter.size < counters:
             self._counter = mx.zeros((max(1024, counters),), mx.uint32)
             mx.eval(self._counter)
-        partials = B * n_kv * n_split * R * (2 + D)  # the splits' (max, Σ exp) and value sums
+        partials = -(-B * n_kv * n_split * 2 * R // 4) * 4 + B * n_kv * n_split * R * D  # (max, Σ exp), value sums
         if self._scratch.size < partials:
             self._scratch = mx.zeros((max(1 << 16, 2 * partials),), mx.float32)
             mx.eval(self._scratch)
