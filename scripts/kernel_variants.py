@@ -16,9 +16,11 @@ Variants (some give wrong results on purpose, to time what is left):
   loads         neither: what loading and unpacking the codes alone costs
   earlyk        the first key tiles start loading before the tables, not after the query rotation
   file:PATH     the kernel of another copy of source.py (e.g. ``git show REV:velox/kernels/source.py``)
+                with the same inputs and outputs as this one (from session 9 on: a scratch input,
+                two outputs)
 
     python3 scripts/kernel_variants.py --variants plain,pft1,pft4,tb132,tb528,nolut,nomma,loads
-    git show f7c7817:velox/kernels/source.py > /tmp/old.py
+    git show a97af77:velox/kernels/source.py > /tmp/old.py
     python3 scripts/kernel_variants.py --variants file:/tmp/old.py,plain --contexts 32768,65536
 """
 

@@ -18,13 +18,17 @@ every query head of the group (GQA) and:
    On CUDA sm_80 and later (``VX_MMA``, set by the CUDA prelude) passes 1 and 3 run on tensor
    cores instead: each warp decodes 16-token tiles into mma.m16n8k16 fragments (keys × rotated
    queries for the scores, values × p·norm for the sums; fragment layouts at ``vx_mma``) with
-   two tiles' loads in flight. The levels go in as fp16 hi + lo pairs (``vx_hilo``): rounded
-   once, every token using a level would share its error (2.4e-3 relative at 64k tokens).
-   The passes are bound by instruction issue and latency, not bytes: ~5 instructions per
-   code in the SASS (sm_90, ``scripts/kernel_sass.py``: shift, LOP3, shared load, byte
-   permute, an add of the table base), ~8 on CUDA cores;
-4. the last block of a (batch, KV head) to finish (an atomic counter) merges the splits.
-   The counter is a persistent zeroed array that the last block zeroes again (an output
+   two tiles' loads in flight. The passes are bound by instruction issue and latency, not
+   bytes. A shared codebook whose levels are exact in fp16 (``KPAIR``/``VPAIR``: turboquant
+   rounds its levels so) goes through a pair table: one shared load gives two codes' levels
+   as the mma operand, ~2 instructions per code in the SASS (sm_90, ``scripts/kernel_sass.py``).
+   Other levels go in as fp16 hi + lo halves (``vx_hilo``; rounded once, every token using a
+   level would share its error: 2.4e-3 relative at 64k tokens), ~5 per code; ~8 on CUDA cores;
+4. the merge, in two levels: the last block of each group of ``MG`` splits to finish (an
+   atomic counter per group) merges them into the group's first slot, and the last group
+   merged merges the groups (a single group: the splits straight to the output). The
+   splits' partials live in a persistent scratch input. The counters are a persistent zeroed
+   array that the last blocks zero again (an output
    would need MLX's init_value, which fills every output: measured ~40 µs for five, more
    than the kernel); launches sharing it are chained (``chain``: the previous launch's
    output, an unused input) so that MLX's graph, which runs independent nodes
@@ -40,9 +44,9 @@ updates. MLX orders GPU work by the arrays a launch outputs, so the write is ord
 next decode launch through the same ``chain`` input.
 
 Level lookups: when every coordinate of every head shares one codebook (turboquant), each
-lane reads its own copy of the levels (table[code·32 + lane]): shared-memory gathers with
-random codes would otherwise collide on banks. Per-coordinate codebooks use a padded
-[group of 8 coordinates][8 · levels] table.
+lane reads its own copy of the levels (table[code·32 + lane], pair tables table[pair·32 +
+lane]): shared-memory gathers with random codes would otherwise collide on banks.
+Per-coordinate codebooks use a padded [group of 8 coordinates][8 · levels] table.
 
 The body uses only the ``VX_*`` macros and ``vx_*`` helpers below for what the backends
 spell differently; ``render`` puts a backend's prelude in front. The index macros go into
