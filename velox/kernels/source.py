@@ -420,7 +420,8 @@ DECODE = r"""
         ((VX_SHIFT_TO((x), (f) * 2 * (BITS), 7) & (((1u << (2 * (BITS))) - 1u) << 7)) | lane4))
 
     // 1. scores on tensor cores: S [16 tokens, 8 query rows] += K [16 tokens, 16 coordinates] ·
-    // Q'ᵀ [16 coordinates, 8 rows] per k-tile (vx_mma), K's levels as fp16 hi + lo (two mma).
+    // Q'ᵀ [16 coordinates, 8 rows] per k-tile (vx_mma), K's levels from a pair table (one mma)
+    // or as fp16 hi + lo (two).
     // Lane (g, c) holds tokens g and g + 8 of a tile and coordinates [c·D/4, (c + 1)·D/4) of each
     // (one load per token); k-tile kk takes the coordinates 4kk … 4kk + 3 of each lane's range
     // (the sum runs over the coordinates in any order, so Q' is laid out the same way).
@@ -566,9 +567,10 @@ DECODE = r"""
     // 3. values: Σ p · norm · levels[code] per coordinate
 #ifdef VX_MMA
     // On tensor cores: O [16 coordinates, 8 rows] += V [16 coordinates, 16 tokens] · (p·norm)ᵀ
-    // [16 tokens, 8 rows] per m-tile, V's levels as fp16 hi + lo. Lane (g, c) holds tokens 2c,
-    // 2c + 1, 2c + 8, 2c + 9 of a tile and coordinates [g·D/8, (g + 1)·D/8) of each; m-tile mt
-    // takes coordinates 2mt (fragment row g) and 2mt + 1 (row g + 8) of each lane's range.
+    // [16 tokens, 8 rows] per m-tile, V's levels from a pair table or as fp16 hi + lo. Lane
+    // (g, c) holds tokens 2c, 2c + 1, 2c + 8, 2c + 9 of a tile and coordinates [g·D/8,
+    // (g + 1)·D/8) of each; m-tile mt takes coordinates 2mt (fragment row g) and 2mt + 1 (row
+    // g + 8) of each lane's range.
     {
         const int vsh = VBITS < 32 ? g * VBITS % 32 : 0;  // 16-bit ranges: a shift inside the word
         float o[D / 16][4];                     // rows g·VC + 2mt, + 1; columns (query rows) 2c, 2c + 1
@@ -698,8 +700,9 @@ DECODE = r"""
     }
 
     // 4. the merge, in two levels so that the last block's tail is short: the last block of each
-    // group of MG (a template argument) splits to finish merges the group's partials into the group's first slot, and
-    // the last group to be merged merges the groups' (a single group: the splits, to the output)
+    // group of MG (a template argument) splits to finish merges the group's partials into the
+    // group's first slot, and the last group to be merged merges the groups' (a single group:
+    // the splits, to the output)
     const int n_group = (n_split + MG - 1) / MG, grp = split / MG;
     const int nbh = n_kv * VX_GRID_DIM(z);
     VX_DEVICE_FENCE();                          // this block's partials, visible to the merging block
