@@ -50,7 +50,8 @@ TICK = ("#define VX_TICK(k) do { if (VX_THREAD_IDX == 0) { unsigned long long t_
 
 def instrumented_body() -> str:
     """The decode body with VX_TICK(k) at the phase boundaries (ticks: an extra uint64 output)."""
-    body = source.DECODE.replace("    const int t0 = split * T;", "    const int t0 = split * T;\n"
+    anchor = "    const int t0 = new_token ? coded - 1 : split * T;"
+    body = source.DECODE.replace(anchor, anchor + "\n"
                                  "    const size_t tick_row = ((size_t)b * n_kv + h) * n_split + split;\n"
                                  "    VX_TICK(0);", 1)
     for k, (_, anchor) in enumerate(MARKS, start=1):

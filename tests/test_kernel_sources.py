@@ -120,10 +120,11 @@ def nvrtc_compile(src: str, arch: str = "compute_90", extra: tuple[str, ...] = (
 
 
 DECODE_INPUT_TYPES = {"q": "float16", "kw": "uint32", "vw": "uint32", "kn": "float16", "vn": "float16",
-                      "counter": "uint32", "chain": "float16", "sinks": "float16"}
+                      "counter": "uint32", "chain": "float16", "sinks": "float16", "kx": "float16", "vx": "float16"}
 # the benchmark shape (Llama-3-8B: 4 query heads per KV head, head_dim 128) at a long context
 BENCH_TEMPLATE = dict(R=4, D=128, T=1024, CPT=16, KB=4, VB=4, KSH=True, VSH=True, KPAIR=True, VPAIR=True, PSAME=True,
-                      PF=4, MG=8, ROTATE=True, HAD=True, FINISH=True, HAS_SINKS=False, OT="float16")
+                      PF=4, MG=8, ROTATE=True, HAD=True, FINISH=True, HAS_SINKS=False, OT="float16", APPEND=False,
+                      NDT="float16")
 
 
 def decode_unit(header: str, body: str, extra_outputs: tuple[tuple[str, str], ...] = (), **template) -> str:
@@ -150,7 +151,8 @@ def load_script(name: str):
 def test_cuda_decode_kernel_compiles_with_nvrtc():
     """The template combinations the dispatcher launches compile for an sm_90 GPU (tensor-core
     passes) and, for two of them, an sm_75 one (CUDA-core passes), on any machine: the parity tests
-    need MLX's CUDA backend, this catches a broken body before that."""
+    need MLX's CUDA backend, this catches a broken body before that. APPEND (the launch encodes
+    the new token) with every rotation and table kind."""
     import itertools
 
     header, body = (source.compact(x) for x in source.render("decode", "cuda"))  # as FusedDecode compiles it
@@ -163,7 +165,7 @@ def test_cuda_decode_kernel_compiles_with_nvrtc():
         (R, D, CPT, KB, VB), (shared, had, (rotate, finish, sinks)) = combos[i % len(combos)], variants[i % len(variants)]
         template = dict(R=R, D=D, T=256, CPT=CPT, KB=KB, VB=VB, KSH=shared, VSH=shared, KPAIR=shared, VPAIR=shared,
                         PSAME=shared and KB == VB, PF=4, ROTATE=rotate, HAD=had, FINISH=finish, HAS_SINKS=sinks,
-                        OT="float16" if finish else "float32")
+                        OT="float16" if finish else "float32", APPEND=rotate and finish and not sinks)
         src = decode_unit(header, body, **template)
         rc, log = nvrtc_compile(src)
         assert rc == 0, (template, log[:3000])
@@ -177,15 +179,17 @@ def test_cuda_decode_kernel_fits_four_blocks_per_sm():
     above 128 registers a thread, three blocks fit instead of four. The benchmark shape (4 query
     heads per KV head, head_dim 128, pair tables), one query head per KV head, the test model's
     (3, head_dim 64), 2-bit keys and calibrated per-coordinate codebooks at head_dim 64 stay at or
-    below 128 without spills (NVRTC, sm_90). ptxas's allocation swings with small edits (a cheaper
+    below 128 without spills (NVRTC, sm_90), with and without APPEND (generation's launches encode
+    the new token, bench_attention's do not). ptxas's allocation swings with small edits (a cheaper
     Walsh-Hadamard index took 2-bit keys from 119 to 156 until its loops were kept rolled).
     Known exception: per-coordinate codebooks at head_dim 128 (130)."""
     import re
 
     header, body = (source.compact(x) for x in source.render("decode", "cuda"))
-    for R, D, KB, shared in [(4, 128, 4, True), (1, 128, 4, True), (3, 64, 4, True), (4, 128, 2, True), (3, 64, 4, False)]:
+    for R, D, KB, shared, append in [(4, 128, 4, True, False), (4, 128, 4, True, True), (1, 128, 4, True, True),
+                                     (3, 64, 4, True, True), (4, 128, 2, True, True), (3, 64, 4, False, True)]:
         template = dict(R=R, D=D, KB=KB, KSH=shared, VSH=shared, KPAIR=shared, VPAIR=shared, PSAME=shared and KB == 4,
-                        T=1024 if KB == 4 else 512)  # T: what fits next to the pair tables (fused._pairing)
+                        T=1024 if KB == 4 else 512, APPEND=append)  # T: what fits next to the pair tables (fused._pairing)
         src = decode_unit(header, body, **template)
         rc, log = nvrtc_compile(src, "sm_90", ("--ptxas-options=-v",))
         used = re.search(r"Used (\d+) registers", log)
@@ -202,7 +206,7 @@ def test_cuda_append_kernel_compiles_with_nvrtc():
     for D, KB, VB, KHAD, VHAD, x in [(128, 4, 4, True, True, "float16"), (64, 2, 4, False, True, "bfloat16"),
                                      (128, 8, 1, True, False, "float32"), (64, 4, 2, False, False, "float16")]:
         input_types = [x if n in ("kx", "vx") else types.get(n, "float32") for n in inputs]
-        template = dict(D=D, KB=KB, VB=VB, KHAD=KHAD, VHAD=VHAD, KNB=(1 << KB) - 1, VNB=(1 << VB) - 1, NDT="float16")
+        template = dict(D=D, KB=KB, VB=VB, KHAD=KHAD, VHAD=VHAD, NDT="float16")
         rc, log = nvrtc_compile(mlx_cuda_source(inputs, input_types, outputs, ["float32"], header, body, template))
         assert rc == 0, (template, log[:3000])
 

@@ -7,13 +7,15 @@ shapes, and otherwise runs the pure-mx reference (``reference.attend``). The GPU
 ``cpu`` computes the coded tokens' partial with a C function compiled on first use
 (``cpu_decode.c``) and the reference does the rest. All take ScalarCodec (turboquant_mse) keys
 and values only; every other codec runs the reference.
-``append`` encodes a decode step's key and value into a cache's code buffers in place, in one
-launch ordered before the next decode launch (GPU only).
+On a GPU the decode launch also encodes the step's new key and value into the cache's code
+buffers (``CompressedKV.new``); ``append`` does that alone, in one launch ordered before the
+next decode launch, for a cache read some other way first.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 from functools import lru_cache
 from typing import Callable, Optional
 
@@ -24,7 +26,7 @@ from . import fused
 from .reference import CompressedKV, Mask, supports
 from .reference import attend as reference_attend
 
-__all__ = ["CompressedKV", "append", "attend", "backend", "supports"]
+__all__ = ["CompressedKV", "append", "appends", "attend", "backend", "supports"]
 
 
 def backend() -> str:
@@ -59,10 +61,18 @@ def attend(queries: mx.array, kv: CompressedKV, scale: float, mask: Mask = None,
            sinks: Optional[mx.array] = None, on_reference: Optional[Callable[[], None]] = None) -> mx.array:
     """Attention of queries [B, Hq, L, D] over a compressed cache -> [B, Hq, L, D]
     (semantics of ``mx.fast.scaled_dot_product_attention`` on the decoded cache).
-    on_reference: called before mx ops (not a kernel chained after ``append``'s) read the codes."""
+    on_reference: called before mx ops (not a kernel chained after ``append``'s) read the codes;
+    it must write kv.new into the buffers (which only the GPU decode kernel takes as it is)."""
     kernel = _fused_for(queries, kv, mask)
-    if on_reference is not None and (kernel is None or backend() == "cpu"):
-        on_reference()  # the CPU kernel reads evaluated arrays, as mx ops do
+    if kernel is None or backend() == "cpu":
+        if on_reference is not None:
+            on_reference()  # the CPU kernel reads evaluated arrays, as mx ops do
+        elif kv.new is not None:
+            raise ValueError("kernels.attend: kv.new is not in the buffers and no on_reference writes it")
+        if kv.new is not None:
+            kv = replace(kv, new=None)
+    elif kv.new is not None and (kv.sink is not None or kv.recent is not None):
+        raise ValueError("kernels.attend: kv.new takes the decode kernel, which reads codes only")
     if kernel is None:
         return reference_attend(queries, kv, scale=scale, mask=mask, sinks=sinks)
     if kv.sink is None and kv.recent is None:  # codes only: the whole step in one launch
@@ -71,13 +81,18 @@ def attend(queries: mx.array, kv: CompressedKV, scale: float, mask: Mask = None,
     return reference_attend(queries, kv, scale=scale, mask=mask, sinks=sinks, coded_partial=kernel.coded_partial)
 
 
-def append(keys: mx.array, values: mx.array, key_codec, value_codec, key_parts: list[mx.array],
-           value_parts: list[mx.array], slot: int) -> Optional[mx.array]:
-    """Encode one token's keys/values [B, H, 1, D] into slot ``slot`` of a cache's code buffers
-    in place with the backend's kernel (``fused.FusedDecode.append``). Returns the launch's
-    output, which must be evaluated before anything but the decode kernel reads the buffers,
-    or None where no kernel applies (the caller encodes with mx ops)."""
+def appends(keys: mx.array, key_codec, value_codec) -> bool:
+    """Whether a GPU kernel encodes keys [B, H, L, D] of these codecs (``append``, and the
+    decode launch through ``CompressedKV.new``). On the CPU the mx ops encode (one token: no
+    gather to avoid)."""
     name = _kernel_backend(key_codec, value_codec)
-    if name in (None, "cpu") or not fused.append_supports(keys, key_codec, value_codec):
-        return None  # on the CPU the mx ops encode (one token: no gather to avoid)
-    return _fused_module(name).append(keys, values, key_codec, value_codec, key_parts, value_parts, slot)
+    return name not in (None, "cpu") and fused.append_supports(keys, key_codec, value_codec)
+
+
+def append(keys: mx.array, values: mx.array, key_codec, value_codec, key_parts: list[mx.array],
+           value_parts: list[mx.array], slot: int) -> mx.array:
+    """Encode one token's keys/values [B, H, 1, D] into slot ``slot`` of a cache's code buffers
+    in place with the backend's kernel (``fused.FusedDecode.append``; ``appends`` must hold).
+    Returns the launch's output, which must be evaluated before anything but the decode kernel
+    reads the buffers."""
+    return _fused_module(backend()).append(keys, values, key_codec, value_codec, key_parts, value_parts, slot)

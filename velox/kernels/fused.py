@@ -3,11 +3,12 @@
 ``FusedDecode(backend, ...)`` compiles ``source.render("decode", backend)`` with MLX's
 custom-kernel wrapper for that backend (``mx.fast.cuda_kernel`` or ``mx.fast.metal_kernel``,
 which take the same arguments) and launches it: ``decode`` for caches of coded tokens only
-(query in, attention output out: one launch), ``coded_partial`` for ``reference.attend``,
+(query in, attention output out, and the step's new key and value encoded into the buffers
+on the way: one launch per layer and step), ``coded_partial`` for ``reference.attend``,
 which merges the cache's fp16 sink/window tokens itself. Only decode (one query token, no
 mask) with 2- or 4-bit keys and values, head_dim 64 or 128, ≤ 8 query heads per KV head
 (≤ 4 with 2-bit codes) goes here. ``append`` encodes a decode step's key and value into the
-cache's buffers in place (one launch instead of a dozen small ops and four slice updates).
+cache's buffers in place on its own, for a cache read before its decode launch.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ class CodecTables(NamedTuple):
     rotation: mx.array     # [H, D, D]
     rotation_t: mx.array   # [H, D, D]
     signs: Optional[mx.array]  # [H, D] when rotation = diag(signs)·H/√D (Sylvester H) for every head
-    boundaries: mx.array   # [H, D, K − 1]: the encoder's (midpoints between levels)
 
 
 def _dense(x: mx.array) -> mx.array:
@@ -78,8 +78,7 @@ def _build_tables(codec) -> CodecTables:
                        levels=_dense(codec.levels), scale=_dense(codec.scale),
                        mean=_dense(mean_or_zeros(codec)),
                        rotation=_dense(codec.rotation), rotation_t=_dense(codec.rotation_t),
-                       signs=None if signs is None else _dense(mx.array(signs)),
-                       boundaries=_dense(codec.boundaries))
+                       signs=None if signs is None else _dense(mx.array(signs)))
 
 
 def tables(codec) -> CodecTables:
@@ -175,16 +174,18 @@ class FusedDecode:
         scale: the softmax scale, q raw (the kernel moves it into the key basis), or None: q
         is in the key basis and q_mean [B, Hkv, R] holds q·mean. finish -> [out [B, Hkv·R, 1, D]
         in out_dtype, -], else [acc [B, Hkv, R, D], ml [B, Hkv, 2, R]] (merged value sum, max
-        and Σ exp)."""
+        and Σ exp). kv.new (finish only): the kernel encodes it into the buffers first, its own split."""
         (kw, kn), (vw, vn) = kv.keys, kv.values
         B, n_kv, _ = kn.shape
         D = q.shape[-1]
         n = kv.n_coded
-        plan = _plan(kv.key_codec, kv.value_codec, R, D, scale, finish, sinks is not None, out_dtype, self.smem_words)
-        T = self.tokens_per_block(n, B * n_kv, R, plan.pair_words)
+        new = 1 if kv.new is not None else 0
+        plan = _plan(kv.key_codec, kv.value_codec, R, D, scale, finish, sinks is not None, out_dtype,
+                     self.smem_words, kn.dtype if new else None)
+        T = self.tokens_per_block(n - new, B * n_kv, R, plan.pair_words)
         template = plan.templates.get(T) or plan.templates.setdefault(
             T, tuple(plan.template + [("T", T), ("PF", min(4, T * D // (_coords_per_thread(R) * THREADS)))]))
-        n_split = -(-n // T)
+        n_split = -(-(n - new) // T) + new
         counters = B * n_kv * (1 + -(-n_split // MERGE_GROUP))  # per (batch, KV head) and per group of splits
         if self._counter.size < counters:
             self._counter = mx.zeros((max(1024, counters),), mx.uint32)
@@ -196,7 +197,8 @@ class FusedDecode:
         out, ml = self.kernel("decode", template)(
             # n reaches the kernel as an input's length: a contiguous prefix view, no host->device copy
             inputs=[q, q_mean, *plan.rotation, kw, kn, vw, vn, *plan.levels, kn[0, 0, :n],
-                    plan.dummy if sinks is None else sinks, *plan.finish, self._counter, self._scratch, self._chain],
+                    plan.dummy if sinks is None else sinks, *plan.finish, *(kv.new or plan.no_new),
+                    self._counter, self._scratch, self._chain],
             grid=(n_split * THREADS, n_kv, B), threadgroup=(THREADS, 1, 1),
             output_shapes=[(B, n_kv * R, 1, D) if finish else (B, n_kv, R, D), (4,) if finish else (B, n_kv, 2, R)],
             output_dtypes=plan.output_dtypes)
@@ -225,12 +227,11 @@ class FusedDecode:
         (kw, kn), (vw, vn) = key_parts, value_parts
         B, H, _, D = keys.shape
         template = (("D", D), ("KB", kt.bits), ("VB", vt.bits), ("KHAD", kt.signs is not None),
-                    ("VHAD", vt.signs is not None), ("KNB", kt.boundaries.shape[-1]),
-                    ("VNB", vt.boundaries.shape[-1]), ("NDT", kn.dtype))
+                    ("VHAD", vt.signs is not None), ("NDT", kn.dtype))
         done = self.kernel("append", template)(
             # the slot reaches the kernel as an input's length (a prefix view, no host->device copy)
-            inputs=[keys, values, kt.mean, kt.rotation if kt.signs is None else kt.signs, kt.scale, kt.boundaries,
-                    vt.mean, vt.rotation if vt.signs is None else vt.signs, vt.scale, vt.boundaries,
+            inputs=[keys, values, kt.mean, kt.rotation if kt.signs is None else kt.signs, kt.scale, kt.levels,
+                    vt.mean, vt.rotation if vt.signs is None else vt.signs, vt.scale, vt.levels,
                     kw, kn, vw, vn, kn[0, 0, :slot + 1], self._chain],
             grid=(THREADS, H, 2 * B), threadgroup=(THREADS, 1, 1),
             output_shapes=[(4,)], output_dtypes=[mx.float32])[0]  # (4,): see _scalar
@@ -240,7 +241,9 @@ class FusedDecode:
     def decode(self, queries: mx.array, kv: CompressedKV, scale: float,
                sinks: Optional[mx.array] = None) -> mx.array:
         """Attention of one query token over a cache of coded tokens only (no fp16 regions):
-        queries [B, Hq, 1, D] -> [B, Hq, 1, D] in the queries' dtype, in one launch."""
+        queries [B, Hq, 1, D] -> [B, Hq, 1, D] in the queries' dtype, in one launch, which
+        first encodes kv.new (if any) into slot n_coded − 1 of the buffers, in place: the
+        output orders it (see ``append``)."""
         R = queries.shape[1] // kv.key_codec.levels.shape[0]
         return self._launch(queries, _scalar(0.0), kv, R, scale, True, sinks, queries.dtype)[0]
 
@@ -253,6 +256,7 @@ class LaunchPlan(NamedTuple):
     levels: list               # key levels, value levels
     finish: list               # the output's rotation back (or placeholders)
     dummy: mx.array            # the placeholder input
+    no_new: list               # placeholders for the new key and value
     template: list             # all but T and PF
     templates: dict            # T -> the whole template, a tuple
     pair_words: int            # the pair tables' shared memory words (0: none)
@@ -279,11 +283,12 @@ def _pairing(kt: CodecTables, vt: CodecTables, D: int, smem_words: int) -> tuple
 
 
 def _plan(key_codec, value_codec, R: int, D: int, scale: Optional[float], finish: bool,
-          has_sinks: bool, out_dtype: mx.Dtype, smem_words: int) -> LaunchPlan:
+          has_sinks: bool, out_dtype: mx.Dtype, smem_words: int, new_norms: Optional[mx.Dtype] = None) -> LaunchPlan:
     """The launch plan for these codecs and settings, built once (a decode step's Python cost is
-    on the CPU's critical path: rebuilding these lists took ~2 µs of its ~11)."""
+    on the CPU's critical path: rebuilding these lists took ~2 µs of its ~11). new_norms: the
+    norms' dtype when the launch encodes a new token (APPEND), else None."""
     plans = per_codec(key_codec, "launch plans", lambda c: {})
-    key = (id(value_codec), R, D, scale, finish, has_sinks, out_dtype, smem_words)
+    key = (id(value_codec), R, D, scale, finish, has_sinks, out_dtype, smem_words, new_norms)
     plan = plans.get(key)
     if plan is not None and plan.value_codec() is value_codec:  # not a dead codec's id, reused
         return plan
@@ -297,11 +302,13 @@ def _plan(key_codec, value_codec, R: int, D: int, scale: Optional[float], finish
         levels=[kt.levels, vt.levels],
         finish=[vt.scale, vt.mean, vt.signs if had else vt.rotation_t] if finish else [dummy] * 3,
         dummy=dummy,
+        no_new=[dummy, dummy],
         template=[("R", R), ("D", D), ("CPT", _coords_per_thread(R)), ("KB", kt.bits), ("VB", vt.bits),
                   ("KSH", kt.shared), ("VSH", vt.shared), ("KPAIR", kpair), ("VPAIR", vpair), ("PSAME", psame),
                   ("MG", MERGE_GROUP),
                   ("ROTATE", scale is not None), ("HAD", had), ("FINISH", finish),
-                  ("HAS_SINKS", has_sinks), ("OT", out_dtype)],
+                  ("HAS_SINKS", has_sinks), ("OT", out_dtype), ("APPEND", new_norms is not None),
+                  ("NDT", new_norms or mx.float16)],
         templates={},
         pair_words=pair_words,
         output_dtypes=[out_dtype, mx.float32])

@@ -49,6 +49,9 @@ class CompressedKV:
     uint32, norms [B, Hkv, N] float16) with N ≥ n_coded: only the first n_coded tokens are
     read (kernels take the whole buffers, since a slice would be copied to be contiguous).
     sink / recent: fp16 (keys, values) [B, Hkv, n, D] before / after the coded tokens, or None.
+    new: the last coded token's (keys, values) [B, Hkv, 1, D] when they are not in the buffers
+    yet (slot n_coded − 1): the GPU decode kernel encodes them on its way (codes only, no
+    sink or recent tokens); anything else reading the codes must have them written first.
     """
 
     key_codec: Any
@@ -58,6 +61,7 @@ class CompressedKV:
     n_coded: int = 0
     sink: Optional[tuple[mx.array, mx.array]] = None
     recent: Optional[tuple[mx.array, mx.array]] = None
+    new: Optional[tuple[mx.array, mx.array]] = None
 
     @property
     def n_sink(self) -> int:

@@ -37,11 +37,15 @@ every query head of the group (GQA) and:
    mean, ÷ the softmax sum, in the queries' dtype. Otherwise it writes the merged max, sum
    and value sum for ``reference.attend`` to merge with the cache's fp16 sink/window tokens.
 
-``append`` (the second kernel) encodes a decode step's key and value (ScalarCodec.encode:
-centre, norm, rotate, standardise, count boundaries, pack) straight into the cache's code
-buffers, in place: one launch per layer and step instead of a dozen small ops and four slice
-updates. MLX orders GPU work by the arrays a launch outputs, so the write is ordered before the
-next decode launch through the same ``chain`` input.
+``APPEND``: the launch also encodes the decode step's key and value (``VX_ENCODE``, as
+ScalarCodec.encode: centre, norm, rotate, standardise, count boundaries, pack) straight into
+the cache's code buffers, in place, so that a layer's step is one launch (each costs ~30 µs of
+MLX's CPU work on the H200's host). An extra split, the grid's first block, holds just that
+token: it encodes it, then scores it like any split, while the other splits stop short of its
+slot; it stays off the critical path.
+``append`` (the second kernel) does the encoding alone, for a cache read before its decode
+launch. MLX orders GPU work by the arrays a launch outputs, so either write is ordered before
+the next launch through the same ``chain`` input.
 
 Level lookups: when every coordinate of every head shares one codebook (turboquant), each
 lane reads its own copy of the levels (table[code·32 + lane], pair tables table[pair·32 +
@@ -193,6 +197,49 @@ HELPERS = r"""
             VX_BARRIER();                                                                  \
         }                                                                                  \
     } while (0)
+
+// ScalarCodec.encode of token bh's vector x [.., D] into slot pos of the buffers words [.., N_,
+// D·BITS/32] / norms [.., N_] (NDT), in place: centre, norm, rotate the unit vector (HADV: the
+// signs rot [H, D], then a Walsh-Hadamard transform; else the matrix, element [k, d] at
+// rot[h·D·D + k·SK + d·SD]), standardise, count the boundaries each coordinate exceeds (the
+// midpoints of its levels [H, D, 2^BITS], as ScalarCodec's), pack the codes (lane j of a word at
+// bit j·BITS, as scalar.shift_into_lanes). xs [D] float, cs [D] unsigned int, red [NWARPS] float: shared
+// scratch. Every thread of the block must reach it (barriers inside).
+#define VX_ENCODE(x, mean, rot, SK, SD, scale, levels, words, norms, N_, BITS, HADV, xs, cs, red, pos) do { \
+        for (int d_ = tid; d_ < D; d_ += NT) (xs)[d_] = vx_to_float((x)[bh * D + d_]) - (mean)[h * D + d_]; \
+        float a_ = 0.f;                                                                    \
+        for (int d_ = tid; d_ < D; d_ += NT) a_ += (xs)[d_] * (xs)[d_];                    \
+        for (int off_ = 16; off_ > 0; off_ >>= 1) a_ += VX_SHFL_XOR(a_, off_);             \
+        if (lane == 0) (red)[warp] = a_;                                                   \
+        VX_BARRIER();                                                                      \
+        float nrm_ = 0.f;                                                                  \
+        for (int w_ = 0; w_ < NWARPS; w_++) nrm_ += (red)[w_];                             \
+        nrm_ = VX_SQRT(nrm_);                                                              \
+        const float den_ = VX_MAX(nrm_, 1e-20f);                                           \
+        for (int d_ = tid; d_ < D; d_ += NT) (xs)[d_] = (xs)[d_] / den_ * ((HADV) ? (rot)[h * D + d_] : 1.f); \
+        VX_BARRIER();                                                                      \
+        if (HADV) VX_FWHT(xs, 1);                                                          \
+        for (int d_ = tid; d_ < D; d_ += NT) {                                             \
+            float y_ = 0.f;                                                                \
+            if (HADV) {                                                                    \
+                y_ = (xs)[d_] * INV_SQRT_D;                                                \
+            } else {                                                                       \
+                for (int k_ = 0; k_ < D; k_++) y_ += (xs)[k_] * (rot)[(size_t)h * D * D + k_ * (SK) + d_ * (SD)]; \
+            }                                                                              \
+            const float z_ = y_ / (scale)[h * D + d_];                                     \
+            const size_t l_ = ((size_t)h * D + d_) << (BITS);                              \
+            unsigned int c_ = 0u;                                                          \
+            for (int i_ = 0; i_ + 1 < (1 << (BITS)); i_++) c_ += z_ > ((levels)[l_ + i_ + 1] + (levels)[l_ + i_]) / 2 ? 1u : 0u; \
+            (cs)[d_] = c_;                                                                 \
+        }                                                                                  \
+        VX_BARRIER();                                                                      \
+        for (int w_ = tid; w_ < D * (BITS) / 32; w_ += NT) {                               \
+            unsigned int word_ = 0u;                                                       \
+            for (int j_ = 0; j_ < 32 / (BITS); j_++) word_ |= (cs)[w_ * (32 / (BITS)) + j_] << (j_ * (BITS)); \
+            VX_MUT(unsigned int, words)[(bh * (N_) + (pos)) * (D * (BITS) / 32) + w_] = word_; \
+        }                                                                                  \
+        if (tid == 0) VX_MUT(NDT, norms)[bh * (N_) + (pos)] = vx_from_float<NDT>(nrm_);    \
+    } while (0)
 """
 
 DECODE = r"""
@@ -200,7 +247,7 @@ DECODE = r"""
     // per thread, KB/VB key/value bits, KSH/VSH one codebook for every coordinate and head,
     // KPAIR/VPAIR that codebook's levels exact in fp16 (pair tables), PSAME the values' pair
     // table is the keys', PF tokens loaded ahead per thread, MG splits per first-level merge,
-    // ROTATE, FINISH, HAS_SINKS, OT (see the module doc).
+    // ROTATE, FINISH, HAS_SINKS, OT, APPEND and NDT the norms' type (see the module doc).
     constexpr int NT = 128;
     constexpr int NWARPS = NT / 32;
     static_assert(NT % D == 0, "a thread's elements of the [R, D] rows share one coordinate, tid % D");
@@ -221,7 +268,8 @@ DECODE = r"""
     constexpr int RED = NWARPS * R * D;         // pass 3's cross-warp reduction
     constexpr float INV_SQRT_D = D == 128 ? 0.08838834764831845f : 0.125f;
     constexpr int QROWS = 2 * R * D + R + R * D / 32;  // query rows, q·mean, dense rotation's copy, q·mean partials
-    constexpr int PS0 = R * T > QROWS ? R * T : QROWS;
+    constexpr int PS1 = R * T > QROWS ? R * T : QROWS;
+    constexpr int PS0 = APPEND && PS1 < 2 * D + NWARPS ? 2 * D + NWARPS : PS1;  // APPEND's scratch
     constexpr int PS = PS0 > RED - KTAB - VTAB ? PS0 : RED - KTAB - VTAB;
     // [key table | value table | query rows, then scores, then probabilities]: one array so
     // that the reduction and the merge can reuse all of it, its last word the merge's flag once
@@ -234,12 +282,18 @@ DECODE = r"""
 
     const float NEG_INF = VX_NEG_INF;
     const int tid = VX_THREAD_IDX, lane = tid % 32, warp = tid / 32;
-    const int split = VX_BLOCK_IDX(x), n_split = VX_GRID_DIM(x);
+    static_assert(!APPEND || (ROTATE && FINISH), "APPEND: the whole step in one launch");
+    const int n_split = VX_GRID_DIM(x);
+    // APPEND: the last split holds only the step's new token, which it encodes into the buffers
+    // first (slot coded − 1; the other splits stop short of it), and it is the grid's first block
+    const int split = APPEND ? (VX_BLOCK_IDX(x) + n_split - 1) % n_split : VX_BLOCK_IDX(x);
+    const bool new_token = APPEND && split == n_split - 1;
     const int h = VX_BLOCK_IDX(y), n_kv = VX_GRID_DIM(y);
     const int b = VX_BLOCK_IDX(z);
     const int N = kn_shape[2];                  // allocated tokens: the buffers' stride
-    const int n = count_shape[0];               // coded tokens (an input's length: no host->device copy)
-    const int t0 = split * T;
+    const int coded = count_shape[0];           // coded tokens (an input's length: no host->device copy)
+    const int n = APPEND && !new_token ? coded - 1 : coded;  // this block's end
+    const int t0 = new_token ? coded - 1 : split * T;
     const size_t bh = (size_t)b * n_kv + h;
     // the splits' partials in a scratch input written in place (an output costs MLX an allocation
     // and ~1 µs of CPU per launch): max and Σ exp [B, H, n_split, 2, R], then value sums [.., R, D]
@@ -277,7 +331,7 @@ DECODE = r"""
     // ring slot p_ loads the tile PFT on
     #define VX_FOR_TILES(words, norms, ring, nring, NW, WTOK, WOFF, NTOK, TOK, ...) do {       \
         _Pragma("unroll 1")                                                                \
-        for (int i0 = 0; i0 < T / 16 / NWARPS; i0 += PFT) {                               \
+        for (int i0 = 0; i0 < TB / 16 / NWARPS; i0 += PFT) {                              \
             _Pragma("unroll")                                                              \
             for (int p_ = 0; p_ < PFT; p_++) {                                             \
                 const int tile = warp + (i0 + p_) * NWARPS;                                \
@@ -288,13 +342,14 @@ DECODE = r"""
                     nm[u_] = nring[p_][u_];                                                \
                     for (int w_ = 0; w_ < (NW); w_++) w[u_][w_] = ring[p_][u_][w_];        \
                 }                                                                          \
-                if (tile + PFT * NWARPS < T / 16)                                          \
+                if (tile + PFT * NWARPS < TB / 16)                                         \
                     VX_LOAD_TILE(words, norms, ring[p_], nring[p_], NW, WTOK, WOFF, NTOK, TOK, tile + PFT * NWARPS); \
                 __VA_ARGS__                                                                \
             }                                                                              \
         }                                                                                  \
     } while (0)
     constexpr int PFT = T / 64 < 2 ? T / 64 : 2;    // tiles in flight per warp (of T / 64); 4: two waves at 64k (145 registers)
+    const int TB = new_token ? 16 * NWARPS * PFT : T;  // the block's tokens: the new token's, one round of tiles
     const int g = lane >> 2, c = lane & 3;      // an mma lane: its group and its thread in the group
     constexpr int KC = D / 4, KWC = KC * KB / 32;                                     // scores pass
     constexpr int VC = D / 8, VBITS = VC * VB, VWC = VBITS < 32 ? 1 : VBITS / 32;     // values pass
@@ -317,6 +372,18 @@ DECODE = r"""
     const float qkm = ROTATE ? k_mean[h * D + tid % D] : 0.f;
     const float qks = ROTATE ? k_scale[h * D + tid % D] : 1.f;
     const float qsm = ROTATE ? softmax_scale[0] : 1.f;
+    if (APPEND && new_token) {
+        // the step's key and value into the buffers (ps as scratch: the query rows come later),
+        // visible to this block's loads below. rot holds R_k (or its signs), rot_t R_vᵀ.
+        VX_SHARED_PTR float* xs = ps;
+        VX_SHARED_PTR unsigned int* cs = (VX_SHARED_PTR unsigned int*)(ps + D);
+        VX_SHARED_PTR float* red = ps + 2 * D;
+        VX_ENCODE(kx, k_mean, rot, D, 1, k_scale, k_levels, kw, kn, N, KB, HAD, xs, cs, red, coded - 1);
+        VX_BARRIER();
+        VX_ENCODE(vx, v_mean, rot_t, 1, D, v_scale, v_levels, vw, vn, N, VB, HAD, xs, cs, red, coded - 1);
+        VX_DEVICE_FENCE();
+        VX_BARRIER();
+    }
 #ifdef VX_MMA
     // Pair tables: entry e, two codes (the first in the low BITS bits), holds both levels as
     // fp16 in one word, the mma's operand as is: one lookup for two codes, no hi/lo halves (the
@@ -470,6 +537,7 @@ DECODE = r"""
     const int lt = tid % LPT;                   // this thread's slice of a token
     const int cb = lt * CPT;                    // its first coordinate
     const int tl = tid / LPT;
+    const int TB = new_token ? PF * TL : T;     // the block's tokens: the new token's, one batch
     // Macros, not functions: Metal has no lambdas, and a function would need the tables' and
     // registers' address spaces spelled per backend.
     // PF tokens' words (NW per thread, WTOK per token) and norms, from batch i0 on: zeros past n
@@ -485,7 +553,7 @@ DECODE = r"""
             nm[p_] = nnm[p_];                                                              \
             for (int w_ = 0; w_ < (NW); w_++) wd[p_][w_] = nwd[p_][w_];                    \
         }                                                                                  \
-        if (i0 + PF < T / TL) VX_LOAD_BATCH(words, norms, nwd, nnm, NW, WTOK, i0 + PF);    \
+        if (i0 + PF < TB / TL) VX_LOAD_BATCH(words, norms, nwd, nnm, NW, WTOK, i0 + PF);   \
     } while (0)
     // the level of code c of this thread's coordinate j (0 <= j < CPT)
     #define VX_LEVEL(tab, SH, NL, j, c) VX_LV(tab, SH, NL, cb + (j), c)
@@ -505,7 +573,7 @@ DECODE = r"""
         float nnm[PF];                          // flight while the current batch is scored
         VX_LOAD_BATCH(kw, kn, nwd, nnm, KWT, WK, 0);
         #pragma unroll 1
-        for (int i0 = 0; i0 < T / TL; i0 += PF) {
+        for (int i0 = 0; i0 < TB / TL; i0 += PF) {
             unsigned int wd[PF][KWT];
             float nm[PF];
             VX_NEXT_BATCH(kw, kn, KWT, WK);
@@ -545,11 +613,11 @@ DECODE = r"""
     // 2. softmax statistics of this split, one warp per query head
     for (int r = warp; r < R; r += NWARPS) {
         float m = NEG_INF;
-        for (int i = lane; i < T; i += 32) m = VX_MAX(m, ps[r * T + i]);
+        for (int i = lane; i < TB; i += 32) m = VX_MAX(m, ps[r * T + i]);
         #pragma unroll
         for (int off = 16; off > 0; off >>= 1) m = VX_MAX(m, VX_SHFL_XOR(m, off));
         float l = 0.f;
-        for (int i = lane; i < T; i += 32) {
+        for (int i = lane; i < TB; i += 32) {
             const float s = ps[r * T + i];
             const float p = s == NEG_INF ? 0.f : VX_EXP(s - m);
             ps[r * T + i] = p;
@@ -640,7 +708,7 @@ DECODE = r"""
     float nnm[PF];
     VX_LOAD_BATCH(vw, vn, nwd, nnm, VWT, WV, 0);  // out of range: probability 0 (pass 2), norm 0
     #pragma unroll 1
-    for (int i0 = 0; i0 < T / TL; i0 += PF) {
+    for (int i0 = 0; i0 < TB / TL; i0 += PF) {
         unsigned int wd[PF][VWT];
         float nm[PF];
         VX_NEXT_BATCH(vw, vn, VWT, WV);
@@ -835,10 +903,10 @@ DECODE = r"""
 
 APPEND = r"""
     // Template: D = head_dim, KB/VB key/value bits (dividing 32), KHAD/VHAD Walsh-Hadamard
-    // rotations (k_rot/v_rot then hold the signs [H, D]), KNB/VNB boundaries per coordinate,
-    // NDT the norms' type. One block per (batch, KV head, K or V); the token goes to slot
-    // slot_shape[0] − 1 of the cache buffers, written in place. ``chain`` (unused) and ``done``
-    // order it between decode launches (fused.FusedDecode.append).
+    // rotations (k_rot/v_rot then hold the signs [H, D]), NDT the norms' type. One block per
+    // (batch, KV head, K or V); the token goes to slot slot_shape[0] − 1 of the cache buffers,
+    // written in place. ``chain`` (unused) and ``done`` order it between decode launches
+    // (fused.FusedDecode.append).
     constexpr int NT = 128;
     constexpr int NWARPS = NT / 32;
     constexpr float INV_SQRT_D = D == 128 ? 0.08838834764831845f : 0.125f;
@@ -850,53 +918,16 @@ APPEND = r"""
     const int b = VX_BLOCK_IDX(z) / 2;
     const size_t bh = (size_t)b * n_kv + h;
     const int pos = slot_shape[0] - 1;
-    // ScalarCodec.encode of one vector: centre, norm, rotate the unit vector, standardise,
-    // count the boundaries each coordinate exceeds, pack the codes into words (lane j of a
-    // word at bit j·BITS, as scalar.shift_into_lanes), write words and norm at slot pos.
-    #define VX_APPEND(x, mean, rot, scale, bound, words, norms, N_, BITS, HAD, NB) do {      \
-        for (int d = tid; d < D; d += NT) xs[d] = vx_to_float((x)[bh * D + d]) - (mean)[h * D + d]; \
-        float a_ = 0.f;                                                                    \
-        for (int d = tid; d < D; d += NT) a_ += xs[d] * xs[d];                             \
-        for (int off = 16; off > 0; off >>= 1) a_ += VX_SHFL_XOR(a_, off);                 \
-        if (lane == 0) red[warp] = a_;                                                     \
-        VX_BARRIER();                                                                      \
-        float nrm_ = 0.f;                                                                  \
-        for (int w = 0; w < NWARPS; w++) nrm_ += red[w];                                   \
-        nrm_ = VX_SQRT(nrm_);                                                              \
-        const float den_ = VX_MAX(nrm_, 1e-20f);                                           \
-        for (int d = tid; d < D; d += NT) xs[d] = xs[d] / den_ * (HAD ? (rot)[h * D + d] : 1.f); \
-        VX_BARRIER();                                                                      \
-        if (HAD) VX_FWHT(xs, 1);                                                           \
-        for (int d = tid; d < D; d += NT) {                                                \
-            float y_ = 0.f;                                                                \
-            if (HAD) {                                                                     \
-                y_ = xs[d] * INV_SQRT_D;                                                   \
-            } else {                                                                       \
-                for (int k = 0; k < D; k++) y_ += xs[k] * (rot)[((size_t)h * D + k) * D + d]; \
-            }                                                                              \
-            const float z_ = y_ / (scale)[h * D + d];                                      \
-            unsigned int c_ = 0u;                                                          \
-            for (int i = 0; i < (NB); i++) c_ += z_ > (bound)[((size_t)h * D + d) * (NB) + i] ? 1u : 0u; \
-            cs[d] = c_;                                                                    \
-        }                                                                                  \
-        VX_BARRIER();                                                                      \
-        for (int w = tid; w < D * (BITS) / 32; w += NT) {                                  \
-            unsigned int word_ = 0u;                                                       \
-            for (int j = 0; j < 32 / (BITS); j++) word_ |= cs[w * (32 / (BITS)) + j] << (j * (BITS)); \
-            VX_MUT(unsigned int, words)[(bh * N_ + pos) * (D * (BITS) / 32) + w] = word_;  \
-        }                                                                                  \
-        if (tid == 0) VX_MUT(NDT, norms)[bh * N_ + pos] = vx_from_float<NDT>(nrm_);        \
-    } while (0)
-    if (VX_BLOCK_IDX(z) % 2 == 0) VX_APPEND(kx, k_mean, k_rot, k_scale, k_bound, kw, kn, kn_shape[2], KB, KHAD, KNB);
-    else VX_APPEND(vx, v_mean, v_rot, v_scale, v_bound, vw, vn, vn_shape[2], VB, VHAD, VNB);
-    #undef VX_APPEND
+    if (VX_BLOCK_IDX(z) % 2 == 0) VX_ENCODE(kx, k_mean, k_rot, D, 1, k_scale, k_levels, kw, kn, kn_shape[2], KB, KHAD, xs, cs, red, pos);
+    else VX_ENCODE(vx, v_mean, v_rot, D, 1, v_scale, v_levels, vw, vn, vn_shape[2], VB, VHAD, xs, cs, red, pos);
     if (tid == 0 && h == 0 && VX_BLOCK_IDX(z) == 0) done[0] = 0.f;
 """
 
 INPUTS = ["q", "q_mean", "rot", "k_scale", "k_mean", "softmax_scale", "kw", "kn", "vw", "vn",
-          "k_levels", "v_levels", "count", "sinks", "v_scale", "v_mean", "rot_t", "counter", "scratch", "chain"]
+          "k_levels", "v_levels", "count", "sinks", "v_scale", "v_mean", "rot_t", "kx", "vx",
+          "counter", "scratch", "chain"]
 OUTPUTS = ["out", "ml_out"]
-APPEND_INPUTS = ["kx", "vx", "k_mean", "k_rot", "k_scale", "k_bound", "v_mean", "v_rot", "v_scale", "v_bound",
+APPEND_INPUTS = ["kx", "vx", "k_mean", "k_rot", "k_scale", "k_levels", "v_mean", "v_rot", "v_scale", "v_levels",
                  "kw", "kn", "vw", "vn", "slot", "chain"]
 
 # name -> (input names, output names, body)

@@ -78,12 +78,24 @@ class VeloxKVCache(_BaseCache):
         self.fast = fast and kernels.supports(key_codec, value_codec)
         # Whether the last update_and_fetch returned only the new tokens (attend must read the codes).
         self.codes_only = False
-        # The last in-place append kernel's output (kernels.append): until it is evaluated, only
-        # the decode kernel (chained after it) may read the buffers; everything else settles first.
+        # A decode step's keys and values [B, H, 1, D], counted in ``coded`` but not yet in the
+        # buffers: the GPU decode launch encodes them (CompressedKV.new), or ``flush``.
+        self.pending: tuple[mx.array, mx.array] | None = None
+        # The output of the last kernel that wrote the buffers in place (the decode launch, or
+        # kernels.append): until it is evaluated, only a kernel chained after it may read them.
         self.unsettled: mx.array | None = None
 
+    def flush(self) -> None:
+        """Write a pending token into the buffers with the append kernel (not yet evaluated)."""
+        if self.pending is not None:
+            keys, values = self.pending
+            self.pending = None
+            self.unsettled = kernels.append(keys, values, self.key_codec, self.value_codec,
+                                            self.keys, self.values, self.coded - 1)
+
     def settle(self) -> None:
-        """Wait for in-place appends, so that any mx op may read the code buffers."""
+        """Wait for in-place writes, so that any mx op may read the code buffers."""
+        self.flush()
         if self.unsettled is not None:
             mx.eval(self.unsettled)
             self.unsettled = None
@@ -113,13 +125,13 @@ class VeloxKVCache(_BaseCache):
     def _encode(self, keys: mx.array, values: mx.array) -> None:
         """Append keys/values [B, H, L, D] (the tokens right after the coded ones) as codes."""
         end = self.coded + keys.shape[2]
-        if self.fast and attention.is_installed() and self.keys is not None and end <= self.keys[0].shape[2]:
-            # a decode step on a GPU: one kernel writes the codes into the buffers in place
-            done = kernels.append(keys, values, self.key_codec, self.value_codec, self.keys, self.values, self.coded)
-            if done is not None:
-                self.unsettled = done
-                self.coded = end
-                return
+        if (self.fast and attention.is_installed() and self.keys is not None and end <= self.keys[0].shape[2]
+                and kernels.appends(keys, self.key_codec, self.value_codec)):
+            # a decode step on a GPU: the decode launch (else ``flush``) writes the codes in place
+            self.flush()
+            self.pending = (keys, values)
+            self.coded = end
+            return
         self.settle()
         position = self.n_sink + self.coded
         k_parts = self.key_codec.encode(keys, offset=position)
@@ -190,18 +202,24 @@ class VeloxKVCache(_BaseCache):
     def compressed(self) -> kernels.CompressedKV:
         """What the cache holds, for ``velox.kernels.attend`` (code buffers whole, see CompressedKV)."""
         sink, recent = self.fp16_regions()
+        if self.pending is not None and (sink or recent):
+            self.flush()  # the decode kernel takes a new token only over codes alone
         return kernels.CompressedKV(
             key_codec=self.key_codec, value_codec=self.value_codec, n_coded=self.coded,
             keys=tuple(self.keys) if self.coded else None, values=tuple(self.values) if self.coded else None,
-            sink=tuple(sink) if sink else None, recent=tuple(recent) if recent else None)
+            sink=tuple(sink) if sink else None, recent=tuple(recent) if recent else None, new=self.pending)
 
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float,
                mask=None, sinks: mx.array | None = None) -> mx.array:
         """Attention for the dispatcher: queries [B, Hq, L, D] -> [B, Hq, L, D]. keys/values
         are what update_and_fetch returned (the decoded history unless ``codes_only``)."""
         if self.codes_only:
-            return kernels.attend(queries, self.compressed(), scale=scale, mask=mask, sinks=sinks,
-                                  on_reference=self.settle)
+            out = kernels.attend(queries, self.compressed(), scale=scale, mask=mask, sinks=sinks,
+                                 on_reference=self.settle)
+            if self.pending is not None:  # the decode launch wrote it (on_reference would have flushed)
+                self.pending = None
+                self.unsettled = out
+            return out
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
 
     def size(self) -> int:
@@ -225,6 +243,7 @@ class VeloxKVCache(_BaseCache):
     @state.setter
     def state(self, v):
         keys, values, sink, recent, self.offset, self.method, self.sink, self.window = v
+        self.pending = None
         self.keys = list(keys) if keys else None
         self.values = list(values) if values else None
         self.coded = self.keys[0].shape[2] if self.keys else 0
@@ -251,6 +270,8 @@ class VeloxKVCache(_BaseCache):
         if from_recent:
             self.recent_kv = [x[:, :, :self.n_recent - from_recent] for x in self.recent_kv]
         from_coded = min(n - from_recent, self.coded)
+        if from_coded:
+            self.pending = None  # the last coded token, never written
         self.coded -= from_coded
         self.offset -= n
         if self.sink_kv is not None:
