@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import mlx.core as mx
-import pytest
+# Tests compare cache paths in float32. MLX's CUDA backend runs float32 matmuls as TF32 by
+# default (~3e-4 relative error), enough to flip many 4-bit roundings between two paths.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
-from velox.runtime import attention
+import mlx.core as mx  # noqa: E402
+import pytest  # noqa: E402
+
+from velox.runtime import attention  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2 = ROOT / ".cache" / "smollm2-135m-instruct"

@@ -16,6 +16,7 @@ from mlx_lm.models import base
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.utils import _get_classes
 
+from velox import kernels
 from velox.methods import turboquant_mse
 from velox.runtime import attention
 from velox.runtime.cache import VeloxKVCache
@@ -44,9 +45,9 @@ def tiny_model(model_type: str):
     return model
 
 
-def velox_caches(model, fast: bool) -> list:
+def velox_caches(model, fast: bool, sink: int = 2, window: int = 4) -> list:
     """The model's own caches with every plain KVCache replaced by a 4-bit turboquant VeloxKVCache
-    (2 fp16 sink tokens, a 4-token fp16 window: every region of the cache in play)."""
+    (by default 2 fp16 sink tokens and a 4-token fp16 window: every region of the cache in play)."""
     args = model.args
     caches = []
     for i, native in enumerate(make_prompt_cache(model)):
@@ -55,7 +56,7 @@ def velox_caches(model, fast: bool) -> list:
             continue
         kc = turboquant_mse.make_codec(args.num_key_value_heads, args.head_dim, 4, 2 * i)
         vc = turboquant_mse.make_codec(args.num_key_value_heads, args.head_dim, 4, 2 * i + 1)
-        caches.append(VeloxKVCache(kc, vc, method="turboquant_mse", sink=2, window=4, fast=fast))
+        caches.append(VeloxKVCache(kc, vc, method="turboquant_mse", sink=sink, window=window, fast=fast))
     return caches
 
 
@@ -73,16 +74,24 @@ def greedy(model, cache: list, steps: int) -> tuple[list[int], mx.array]:
     return tokens, first
 
 
+@pytest.mark.parametrize("regions", [(2, 4), (0, 0)], ids=["sink-window", "codes-only"])
 @pytest.mark.parametrize("model_type", list(CONFIGS))
-def test_model_generates_the_same_tokens_fast_or_not(model_type, dispatcher):
+def test_model_generates_the_same_tokens_fast_or_not(model_type, regions, dispatcher, monkeypatch):
+    """Codes only, on a GPU, each decode launch also encodes the step's token (CompressedKV.new);
+    with fp16 regions the append kernel writes it first."""
+    appends = []
+    append = kernels.append
+    monkeypatch.setattr(kernels, "append", lambda *a: appends.append(1) or append(*a))
     model = tiny_model(model_type)
     runs = {}
     for fast in (True, False):
-        cache = velox_caches(model, fast)
+        cache = velox_caches(model, fast, *regions)
         mine = [c for c in cache if isinstance(c, VeloxKVCache)]
         assert mine and all(c.fast == fast for c in mine)
         runs[fast] = greedy(model, cache, steps=12)
         assert all(c.coded > 0 and c.codes_only == fast for c in mine)
+    # on a GPU: an append launch per decode step and velox layer with fp16 regions, none without
+    assert (len(appends) > 0) == (kernels.backend() != "cpu" and regions != (0, 0))
     assert runs[True][0] == runs[False][0]
     a, b = runs[True][1], runs[False][1]
     # Not bit-equal: the first chunk's attention sums in another order on each path, and a
