@@ -481,3 +481,20 @@ def test_launch_plans_are_built_once_per_codec_pair():
     del v2
     gc.collect()
     assert dropped() is None
+
+
+def test_padded_level_tables_stay_off_the_kernels(dispatcher):
+    """A codec of one width whose level table is wider than 2^bits (padded by repeating the
+    last level, as mixed widths are) is not what the kernels index ([H, D, 2^bits]): attention
+    from its codes still equals attention over the decoded history."""
+    base = turboquant_mse.make_codec(HKV, D, 2, 0)
+    levels = mx.concatenate([base.levels, mx.repeat(base.levels[..., -1:], 12, axis=-1)], axis=-1)  # K = 16
+    codec = ScalarCodec(rotation=base.rotation, scale=base.scale, levels=levels, bits=base.bits)
+    fast = VeloxKVCache(codec, codec, method="turboquant_mse", fast=True)
+    fast.update_and_fetch(rand((1, HKV, 40, D), 1), rand((1, HKV, 40, D), 2))
+    fast.update_and_fetch(rand((1, HKV, 1, D), 3), rand((1, HKV, 1, D), 4))
+    q = rand((1, HQ, 1, D), 5)
+    assert not kernels.appends(rand((1, HKV, 1, D), 3), codec, codec)
+    assert kernels._fused_for(q, fast.compressed(), None) is None
+    close(fast.attend(q, None, None, scale=D**-0.5),
+          mx.fast.scaled_dot_product_attention(q, *fast.fetch(), scale=D**-0.5))
