@@ -483,18 +483,22 @@ def test_launch_plans_are_built_once_per_codec_pair():
     assert dropped() is None
 
 
-def test_padded_level_tables_stay_off_the_kernels(dispatcher):
-    """A codec of one width whose level table is wider than 2^bits (padded by repeating the
-    last level, as mixed widths are) is not what the kernels index ([H, D, 2^bits]): attention
-    from its codes still equals attention over the decoded history."""
-    base = turboquant_mse.make_codec(HKV, D, 2, 0)
-    levels = mx.concatenate([base.levels, mx.repeat(base.levels[..., -1:], 12, axis=-1)], axis=-1)  # K = 16
-    codec = ScalarCodec(rotation=base.rotation, scale=base.scale, levels=levels, bits=base.bits)
+@pytest.mark.parametrize("d,bits,padded", [(D, 2, True), (80, 1, False), (72, 2, False), (48, 1, False)])
+def test_codecs_the_kernels_cannot_index_stay_off_them(d, bits, padded, dispatcher):
+    """Every kernel reads levels [H, D, 2^bits] and a token's codes as D·bits/32 whole words. A
+    one-width codec whose level table is padded past 2^bits (as mixed widths pad), or whose D
+    codes end inside a word (1 bit at head_dim 80: 2.5 words), runs the mx reference instead:
+    attention from its codes equals attention over the decoded history (the C kernel gave NaN
+    or 14-20x errors here)."""
+    codec = turboquant_mse.make_codec(HKV, d, bits, 0)
+    if padded:
+        levels = mx.concatenate([codec.levels, mx.repeat(codec.levels[..., -1:], 12, axis=-1)], axis=-1)
+        codec = ScalarCodec(rotation=codec.rotation, scale=codec.scale, levels=levels, bits=codec.bits)
     fast = VeloxKVCache(codec, codec, method="turboquant_mse", fast=True)
-    fast.update_and_fetch(rand((1, HKV, 40, D), 1), rand((1, HKV, 40, D), 2))
-    fast.update_and_fetch(rand((1, HKV, 1, D), 3), rand((1, HKV, 1, D), 4))
-    q = rand((1, HQ, 1, D), 5)
-    assert not kernels.appends(rand((1, HKV, 1, D), 3), codec, codec)
+    fast.update_and_fetch(rand((1, HKV, 40, d), 1), rand((1, HKV, 40, d), 2))
+    fast.update_and_fetch(rand((1, HKV, 1, d), 3), rand((1, HKV, 1, d), 4))
+    q = rand((1, HQ, 1, d), 5)
+    assert not kernels.appends(rand((1, HKV, 1, d), 3), codec, codec)
     assert kernels._fused_for(q, fast.compressed(), None) is None
-    close(fast.attend(q, None, None, scale=D**-0.5),
-          mx.fast.scaled_dot_product_attention(q, *fast.fetch(), scale=D**-0.5))
+    close(fast.attend(q, None, None, scale=d**-0.5),
+          mx.fast.scaled_dot_product_attention(q, *fast.fetch(), scale=d**-0.5))

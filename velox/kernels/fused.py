@@ -36,7 +36,8 @@ BITS = (2, 4)
 class CodecTables(NamedTuple):
     """What the kernel reads of a ScalarCodec, built once per codec (float32, contiguous, on device)."""
 
-    bits: int              # uniform bit width (0: mixed, not dividing 32, or levels padded past 2^bits)
+    bits: int              # uniform bit width (0: mixed, not dividing 32, levels padded past 2^bits,
+                           # or D codes not filling whole words)
     shared: bool           # every head and coordinate has the same levels (one lane-replicated table)
     pair: bool             # shared, 2 or 4 bits, levels exact in fp16: a pair table on tensor cores
     levels: mx.array       # [H, D, 2^bits]
@@ -73,8 +74,8 @@ def _build_tables(codec) -> CodecTables:
     lv = np.array(codec.levels.astype(mx.float32))
     signs = _hadamard_signs(np.array(codec.rotation.astype(mx.float32)))
     bits, shared = uniform_bits(codec), bool(np.all(lv == lv[:1, :1]))
-    if lv.shape[-1] != 1 << bits:
-        bits = 0  # every kernel indexes levels as [H, D, 2^bits]; a padded table is not that
+    if lv.shape[-1] != 1 << bits or lv.shape[1] * bits % 32:
+        bits = 0  # every kernel reads levels [H, D, 2^bits] and a token's codes as D·bits/32 whole words
     return CodecTables(bits=bits, shared=shared,
                        pair=shared and bits in BITS and bool(np.all(lv == lv.astype(np.float16))),
                        levels=_dense(codec.levels), scale=_dense(codec.scale),
