@@ -72,13 +72,18 @@ class TimedDecode(fused.FusedDecode):
 
     name_suffix = "_timed"
 
-    def _compile(self, name: str, template: tuple):
+    def _source(self, name: str) -> tuple[str, str]:
         if name != "decode":
-            return super()._compile(name, template)
-        header = source.compact(source.render("decode", "cuda")[0] + TICK)
-        body = source.compact(source.constants(template, "cuda") + source.CUDA.index + instrumented_body())
-        k = mx.fast.cuda_kernel(name=f"velox_decode_timed_{abs(hash(body))}", input_names=source.INPUTS,
-                                output_names=source.OUTPUTS + ["ticks"], source=body, header=header)
+            return super()._source(name)
+        return source.render("decode", "cuda")[0] + TICK, source.CUDA.index + instrumented_body()
+
+    def _outputs(self, name: str) -> list[str]:
+        return super()._outputs(name) + (["ticks"] if name == "decode" else [])
+
+    def kernel(self, name: str, template: tuple):
+        k = super().kernel(name, template)
+        if name != "decode":
+            return k
 
         def call(**kw):
             gx, gy, gz = kw["grid"]

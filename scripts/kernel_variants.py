@@ -15,6 +15,8 @@ Variants (some give wrong results on purpose, to time what is left):
   nomma         no mma instructions (an XOR of the fragments instead): wrong results
   loads         neither: what loading and unpacking the codes alone costs
   earlyk        the first key tiles start loading before the tables, not after the query rotation
+  empty         the kernel returns at once: what a launch costs with these inputs and this grid,
+                the CPU's share of a call (wrong results)
   file:PATH     the kernel of another copy of source.py (e.g. ``git show REV:velox/kernels/source.py``)
                 with the same inputs and outputs as this one (from session 9 on: a scratch input,
                 two outputs)
@@ -58,6 +60,7 @@ KSTART = "    VX_START_TILES(kw, kn, kring, knring, KWC, WK, c * KWC, 2, g + 8 *
 LANE4 = "    const unsigned int lane4 = (unsigned int)lane << 2;\n"
 KRING = "    float knring[PFT][2];\n"
 EDITS["earlyk"] = [(LANE4 + KSTART, LANE4), (KRING, KRING + KSTART)]  # the first key tiles load before the tables
+EDITS["empty"] = [("    const float NEG_INF = VX_NEG_INF;", "    if (VX_THREAD_IDX >= 0) return;\n    const float NEG_INF = VX_NEG_INF;")]
 TARGET_BLOCKS = {"tb132": 132, "tb528": 528}
 
 

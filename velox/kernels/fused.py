@@ -147,19 +147,23 @@ class FusedDecode:
         return kernel
 
     def _source(self, name: str) -> tuple[str, str]:
-        """(header, body) of kernel ``name`` for this backend (scripts/kernel_variants.py edits it)."""
+        """(header, body) of kernel ``name`` for this backend (scripts/kernel_variants.py edits it,
+        scripts/kernel_timeline.py instruments it)."""
         return source.render(name, self.backend)
+
+    def _outputs(self, name: str) -> list[str]:
+        """Kernel ``name``'s output names (scripts/kernel_timeline.py adds one)."""
+        return source.KERNELS[name][1]
 
     def _compile(self, name: str, template: tuple):
         """``source.KERNELS[name]`` with ``template`` baked in, with this backend's wrapper
         (cuda_kernel / metal_kernel: MLX caches compiled kernels by name, hence the digest)."""
-        inputs, outputs, _ = source.KERNELS[name]
         header, body = self._source(name)
         header, body = source.compact(header), source.compact(source.constants(template, self.backend) + body)
         digest = hashlib.sha1(body.encode()).hexdigest()[:16]
         return getattr(mx.fast, f"{self.backend}_kernel")(name=f"velox_{name}{self.name_suffix}_{digest}",
-                                                           input_names=inputs, output_names=outputs, source=body,
-                                                           header=header)
+                                                           input_names=source.KERNELS[name][0],
+                                                           output_names=self._outputs(name), source=body, header=header)
 
     def tokens_per_block(self, n: int, groups: int, rep: int, table_words: int = 0) -> int:
         """T: a power of two in [64, ps_budget / R] giving about target_blocks blocks (fewer,
