@@ -52,6 +52,9 @@ ARCHS = {
         BASE, num_hidden_layers=4, head_dim=32, sliding_window=WINDOW, sliding_window_pattern=2,
         query_pre_attn_scalar=32, rope_scaling=dict(rope_type="linear", factor=8.0)),
         ("RoPE", 32, False), {0: RotatingKVCache, 2: RotatingKVCache}),
+    # soft-capped scores computed by the model itself (its attention never reaches the dispatcher)
+    "gemma2-softcap": ("gemma2", dict(BASE, head_dim=32, query_pre_attn_scalar=32, attn_logit_softcapping=50.0,
+                                      final_logit_softcapping=30.0), ("RoPE", 32, False), {}),
     # gated-delta linear attention at layers 0, 2 (ArraysCache), full attention with 1/4 rotary at 1, 3
     "qwen3_next-hybrid": ("qwen3_next", dict(
         BASE, num_hidden_layers=4, head_dim=32, rope_theta=1e6, partial_rotary_factor=0.25,
@@ -205,3 +208,55 @@ def test_model_without_rope(smollm2_path, tmp_path):
     assert mlx_lm.generate(model, tok, prompt="Hello", max_tokens=4, prompt_cache=cache)
     with pytest.raises(ValueError, match="needs the layer's rope module"):
         convert(str(src), str(tmp_path / "kv2"), kv="commvq", calib_tokens=256, calib_seq_len=64, progress=False)
+
+
+def test_layout_says_which_layers_attend_from_their_cache(arch):
+    """Layers whose attention reaches velox's dispatcher with their cache's own keys and values
+    may take the fast path; gemma2 computes its soft-capped scores itself, so none of its do."""
+    from velox.runtime.layers import cache_layout
+
+    name, folder = arch
+    model, _ = velox.load(str(folder), kv="turboquant_mse")
+    layout = cache_layout(model)
+    coded = coded_layers(name, model)
+    assert [i for i, c in enumerate(layout.coded) if c] == coded
+    expected = not name.startswith("gemma2")
+    assert all(layout.attends_from_cache[i] == expected for i in coded)
+    fast = [c.fast for c in make_prompt_cache(model) if isinstance(c, VeloxKVCache)]
+    assert fast and all(f == expected for f in fast)
+
+
+def test_fast_and_decode_paths_track_the_native_cache(arch):
+    """Chunked prefill + decode logits with fast=True and fast=False: the two paths agree (same
+    codes, float noise), and both are within the codes' error of the native cache."""
+    name, folder = arch
+    model, _ = velox.load(str(folder), kv="turboquant_mse", fast=True)
+    ref = chunked_logits(model, native_caches(model))
+    fast = chunked_logits(model, make_prompt_cache(model))
+    model_slow, _ = velox.load(str(folder), kv="turboquant_mse", fast=False)
+    slow = chunked_logits(model_slow, make_prompt_cache(model_slow))
+    assert rel_err(fast, slow) < 1e-2
+    assert rel_err(slow, ref) < 0.5
+
+
+def test_self_check_refuses_a_fast_path_the_model_bypasses(smollm2_path, tmp_path, monkeypatch):
+    """Were gemma2's layers given the fast path (their caches returning only the new tokens to
+    a model that attends to what it is handed), velox.load refuses instead of generating from
+    a cache it never reads."""
+    from velox.format import VeloxFormatError
+    from velox.runtime import loader
+    from velox.runtime.layers import cache_layout
+
+    model_type, config, _, _ = ARCHS["gemma2-softcap"]
+    src = write_tiny_model(tmp_path / "hf", smollm2_path, model_type, **config)
+    convert(str(src), str(tmp_path / "kv"), kv="turboquant_mse", calib_tokens=64, calib_seq_len=32, progress=False)
+
+    def wrong_layout(m):
+        layout = cache_layout(m)
+        layout.attends_from_cache = list(layout.coded)
+        return layout
+
+    monkeypatch.setattr(loader, "cache_layout", wrong_layout)
+    with pytest.raises(VeloxFormatError, match="attention from the codes gives logits"):
+        velox.load(str(tmp_path / "kv"))
+    velox.load(str(tmp_path / "kv"), fast=False)  # the decode path is right, and loads

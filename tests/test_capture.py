@@ -64,3 +64,52 @@ def test_attention_install_is_idempotent_and_removable():
     assert llama.scaled_dot_product_attention is attention.dispatch_attention
     attention.uninstall()
     assert llama.scaled_dot_product_attention is attention._ORIGINAL
+
+
+def test_capture_leaves_the_dispatcher_as_it_found_it(tiny_llama):
+    """capture() after velox.load keeps the dispatcher velox.load installed (the fast path
+    needs it); without one before, capture leaves none behind."""
+    import mlx_lm
+
+    import velox
+    from velox.convert.pipeline import convert
+
+    model, _ = mlx_lm.load(str(tiny_llama))
+    seqs = np.random.default_rng(0).integers(0, 1000, (1, 16))
+    attention.uninstall()
+    capture(model, seqs, progress=False)
+    assert not attention.is_installed()
+    folder = tiny_llama.parent / "kv-capture-state"
+    convert(str(tiny_llama), str(folder), kv="turboquant_mse", calib_tokens=64, calib_seq_len=32, progress=False,
+            force=True)
+    velox.load(str(folder))
+    assert attention.is_installed()
+    capture(model, seqs, progress=False)
+    assert attention.is_installed()
+    attention.uninstall()
+
+
+def test_queries_from_the_rope_module_match_the_dispatchers(tiny_llama, monkeypatch):
+    """A layer whose attention does not reach the dispatcher gives its queries through its
+    rope module: the same post-RoPE queries the dispatcher sees on a layer that does."""
+    import mlx_lm
+
+    from velox.convert import capture as capture_module
+    from velox.runtime.layers import cache_layout
+
+    model, _ = mlx_lm.load(str(tiny_llama))
+    seqs = np.random.default_rng(1).integers(0, 1000, (2, 24))
+    direct = capture(model, seqs, progress=False)
+
+    def no_dispatch(m):
+        layout = cache_layout(m)
+        layout.attends_from_cache = [False] * len(layout.attends_from_cache)
+        return layout
+
+    monkeypatch.setattr(capture_module, "cache_layout", no_dispatch)
+    via_rope = capture(model, seqs, progress=False)
+    for a, b in zip(direct, via_rope):
+        np.testing.assert_array_equal(a.queries, b.queries)
+        np.testing.assert_array_equal(a.keys, b.keys)
+    from velox.methods.rope import layer_rope
+    assert type(layer_rope(model, 0)).__name__ != "RopeRecorder"  # the modules are put back

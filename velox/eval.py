@@ -17,6 +17,8 @@ import numpy as np
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 from tqdm import tqdm
 
+from .runtime.layers import native_caches
+
 
 @dataclass
 class PerplexityResult:
@@ -69,13 +71,15 @@ def teacher_forced_nll(model, tokens: np.ndarray, make_cache: Callable[[], list[
 
 
 def mlx_baseline_cache(model, name: str) -> Callable[[], list[Any]]:
-    """Cache factories for mlx_lm's own caches: 'fp16' (unquantized) or 'mlx4'/'mlx8'/'mlx2'."""
-    n = len(model.layers)
+    """Cache factories for mlx_lm's own caches: 'fp16' (the model's own caches) or
+    'mlx4'/'mlx8'/'mlx2' (its plain KVCache layers quantized, as mlx_lm's ``--kv-bits`` does;
+    sliding-window and linear-attention layers keep their caches)."""
     if name == "fp16":
-        return lambda: [KVCache() for _ in range(n)]
+        return lambda: native_caches(model)
     if name.startswith("mlx") and name[3:].isdigit():
         bits = int(name[3:])
-        return lambda: [QuantizedKVCache(group_size=64, bits=bits) for _ in range(n)]
+        return lambda: [QuantizedKVCache(group_size=64, bits=bits) if type(c) is KVCache else c
+                        for c in native_caches(model)]
     raise ValueError(f"unknown baseline {name!r} (fp16, mlx2, mlx4, mlx8)")
 
 
@@ -126,7 +130,7 @@ def attention_fidelity(acts: list, make_cache: Callable[[], list[Any]], length: 
     caches = make_cache()
     out = []
     for i, (a, cache) in enumerate(zip(acts, caches)):
-        if a is None:
+        if a is None or a.queries is None:
             continue
         t = lambda x: mx.array(x[:length].astype(np.float32)).transpose(1, 0, 2)
         q, k, v = t(a.queries), t(a.keys), t(a.values)

@@ -1,21 +1,26 @@
 """Capture the activations every calibration needs, per attention layer.
 
 A capture cache is installed in place of each plain KVCache: it records the keys
-(after RoPE) and values the model hands to its cache, and, through the attention
-dispatcher, the queries. Keys before RoPE are recovered exactly by inverting the
-layer's own rope module (``RopeInverse``, the same inverse caches use at run time).
+(after RoPE) and values the model hands to its cache. Queries come through the attention
+dispatcher where the layer's attention reaches it (``CacheLayout.attends_from_cache``),
+else from the layer's rope module, which rotates the queries as well as the keys. Keys
+before RoPE are recovered exactly by inverting the layer's own rope module
+(``RopeInverse``, the same inverse caches use at run time).
 """
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache, create_attention_mask, make_prompt_cache
+from mlx_lm.models.cache import create_attention_mask
 from tqdm import tqdm
 
 from ..methods.base import LayerActivations
-from ..methods.rope import RopeInverse, layer_rope
+from ..methods.rope import ROPE_NAMES, RopeInverse, attention_module, layer_rope
 from ..runtime import attention
+from ..runtime.layers import cache_layout, native_caches
 
 
 class CaptureCache:
@@ -44,9 +49,44 @@ class CaptureCache:
         return create_attention_mask(*args, offset=self.offset, **kwargs)
 
 
-def plain_layers(model) -> list[bool]:
-    """True for layers whose native cache is a plain KVCache (the ones velox replaces)."""
-    return [type(c) is KVCache for c in make_prompt_cache(model)]
+class RopeRecorder:
+    """Stands in for a layer's rope module during capture: records what it rotates, so a
+    layer whose attention never reaches the dispatcher still gives its post-RoPE queries."""
+
+    def __init__(self, rope: Any):
+        self.rope = rope
+        self.outputs: list[mx.array] = []
+
+    def __call__(self, x, *args, **kwargs):
+        y = self.rope(x, *args, **kwargs)
+        self.outputs.append(y)
+        return y
+
+    def queries(self, keys: mx.array) -> Optional[mx.array]:
+        """The one rotated array that is not the keys the cache received, or None if the
+        rope's calls do not single it out (a model that reshapes or splits after rotating)."""
+        others = [y for y in self.outputs if y is not keys]
+        if len(others) != 1 or others[0].shape[-1] != keys.shape[-1] or others[0].shape[1] % keys.shape[1]:
+            return None
+        return others[0]
+
+
+def record_ropes(model, layers: list[int]) -> dict[int, tuple[Any, str, RopeRecorder]]:
+    """Put a RopeRecorder in place of each listed layer's rope module -> {layer: (attention
+    module, attribute, recorder)}; ``restore_ropes`` puts the modules back."""
+    recorders = {}
+    for i in layers:
+        attn = attention_module(model.layers[i])
+        name = next((n for n in ROPE_NAMES if hasattr(attn, n)), None)
+        if name is not None:
+            recorders[i] = (attn, name, RopeRecorder(getattr(attn, name)))
+            setattr(attn, name, recorders[i][2])
+    return recorders
+
+
+def restore_ropes(recorders: dict[int, tuple[Any, str, RopeRecorder]]) -> None:
+    for attn, name, recorder in recorders.values():
+        setattr(attn, name, recorder.rope)
 
 
 def check_finite(layer: int, sequence: int, parts: tuple[tuple[str, np.ndarray], ...]) -> None:
@@ -70,45 +110,51 @@ def capture(model, sequences: np.ndarray, progress: bool = True) -> list[LayerAc
     """Run ``sequences [n_seq, L]`` through the model; one LayerActivations per layer.
 
     Layers that are not plain KVCache layers get ``None``. Arrays are float16 to
-    keep memory bounded (8192 tokens of SmolLM2: ~0.5 GB).
+    keep memory bounded (8192 tokens of SmolLM2: ~0.5 GB). A layer whose queries could
+    not be recorded (its attention neither reaches the dispatcher nor rotates them with its
+    rope module) gets ``queries=None``: the methods that calibrate on queries refuse it.
     """
-    plain = plain_layers(model)
+    layout = cache_layout(model)
+    coded = [i for i, c in enumerate(layout.coded) if c]
     n_seq, L = sequences.shape
-    store = [dict(keys=[], pre=[], values=[], queries=[]) if p else None for p in plain]
-    unrope = {}  # layer -> its keys' RoPE inverse (x, offset) -> x, built on first use
-    attention.install()
+    store = {i: dict(keys=[], pre=[], values=[], queries=[]) for i in coded}
+    # built before any rope module is swapped for a recorder
+    unrope = {i: layer_unrope(model, i, layout.head_dim) for i in coded}
+    recorders = record_ropes(model, [i for i in coded if not layout.attends_from_cache[i]])
     try:
-        for s in tqdm(range(n_seq), desc="capture", disable=not progress):
-            native = make_prompt_cache(model)
-            caches = [CaptureCache() if p else c for p, c in zip(plain, native)]
-            model(mx.array(sequences[s : s + 1]), cache=caches)
-            recorded = {}
-            for i, c in enumerate(caches):
-                if isinstance(c, CaptureCache):
-                    if i not in unrope:
-                        unrope[i] = layer_unrope(model, i, c.keys[0].shape[-1])
+        with attention.installed():
+            for s in tqdm(range(n_seq), desc="capture", disable=not progress):
+                caches = native_caches(model)
+                for i in coded:
+                    caches[i] = CaptureCache()
+                for _, _, r in recorders.values():
+                    r.outputs.clear()
+                model(mx.array(sequences[s : s + 1]), cache=caches)
+                recorded = {}
+                for i in coded:
+                    c = caches[i]
+                    if layout.attends_from_cache[i]:
+                        q = c.queries[0]
+                    else:
+                        q = recorders[i][2].queries(c.keys[0]) if i in recorders else None
                     k = c.keys[0].astype(mx.float32)
-                    recorded[i] = (k, unrope[i](k, 0), c.values[0], c.queries[0])
-            mx.eval(recorded)
-            for i, arrays in recorded.items():
-                # [1, H, L, D] -> [L, H, D] float16
-                k, pre, v, q = (np.array(x[0].astype(mx.float32)).transpose(1, 0, 2).astype(np.float16)
-                                for x in arrays)
-                parts = (("keys", k), ("pre", pre), ("values", v), ("queries", q))
-                check_finite(i, s, parts)
-                for name, x in parts:
-                    store[i][name].append(x)
+                    recorded[i] = (k, unrope[i](k, 0), c.values[0]) + ((q,) if q is not None else ())
+                mx.eval(recorded)
+                for i, arrays in recorded.items():
+                    # [1, H, L, D] -> [L, H, D] float16
+                    parts = tuple(zip(("keys", "pre", "values", "queries"),
+                                      (np.array(x[0].astype(mx.float32)).transpose(1, 0, 2).astype(np.float16)
+                                       for x in arrays)))
+                    check_finite(i, s, parts)
+                    for name, x in parts:
+                        store[i][name].append(x)
     finally:
-        attention.uninstall()
+        restore_ropes(recorders)
     positions = np.tile(np.arange(L), n_seq)
-    out = []
-    for i in range(len(store)):
-        st, store[i] = store[i], None  # free each layer's pieces as soon as they are joined
-        if st is None:
-            out.append(None)
-            continue
-        join = lambda name: np.concatenate(st.pop(name))
-        acts = LayerActivations(keys=join("keys"), keys_pre_rope=join("pre"), values=join("values"),
-                                queries=join("queries"), positions=positions)
-        out.append(acts)
+    out: list[LayerActivations | None] = [None] * len(layout.native)
+    for i in coded:
+        st = store.pop(i)  # free each layer's pieces as soon as they are joined
+        join = lambda name: np.concatenate(st.pop(name)) if st[name] else None
+        out[i] = LayerActivations(keys=join("keys"), keys_pre_rope=join("pre"), values=join("values"),
+                                  queries=join("queries"), positions=positions)
     return out

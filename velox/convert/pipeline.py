@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm import __version__ as mlx_lm_version
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import compute_bits_per_weight, dequantize_model, quantize_model, save_config, save_model
 from tqdm import tqdm
 
@@ -26,9 +26,11 @@ from .. import __version__
 from ..cpu import float32_on_cpu
 from ..format import ARTIFACT_FILE, FORMAT_VERSION, MAX_BITS, MAX_FP16_TOKENS, sha256_file
 from ..methods import LayerSpec, get_method, outliers, ratequant
+from ..methods.base import LayerActivations, no_calibration
 from ..methods.rope import layer_rope, spec_rope
 from ..model_cards import describe_weights, render_card
 from ..runtime.cache import ExactCodec, VeloxKVCache
+from ..runtime.layers import cache_layout
 from ..runtime.loader import TESTED_ARCHITECTURES, build_codecs, load_artifact, load_mlx_lm, resolve_path
 from .calib_data import CalibrationSet, load_calibration
 from .capture import capture
@@ -98,6 +100,14 @@ def _layer_spec(model, acts: list, i: int, key_bits: int, value_bits: int, seed:
                      value_bits=value_bits, seed=seed, rope=layer_rope(model, i))
 
 
+def require_queries(method: str, layer: int, acts: LayerActivations) -> None:
+    """Calibrations that weigh by attention need the layer's captured queries."""
+    if acts.queries is None:
+        raise ValueError(f"{method} calibrates on each layer's queries, and layer {layer}'s attention gave velox no "
+                         "way to record them (it neither calls mlx_lm's scaled_dot_product_attention with its "
+                         "cache's keys nor rotates the queries with its rope module); use a data-free method")
+
+
 def calibrate_method(name: str, acts: list, model, key_bits: int, value_bits: int, seed: int,
                      options: Optional[dict] = None, progress: bool = True) -> tuple[dict, dict]:
     """Run one method's calibration on every layer -> (kv_quant method entry, tensors).
@@ -118,6 +128,8 @@ def calibrate_method(name: str, acts: list, model, key_bits: int, value_bits: in
             layers.append({"layer": i, "cache": "native"})
             continue
         t0 = time.perf_counter()
+        if module.calibrate is not no_calibration:
+            require_queries(name, i, layer_acts)
         spec = _layer_spec(model, acts, i, key_bits, value_bits, seed)
         fitted = module.calibrate(layer_acts, spec, **method_options)
         if n_outliers:
@@ -183,6 +195,7 @@ def calibrate_ratequant(name: str, acts: list, model, avg_bits: float, seed: int
     for i, layer_acts in enumerate(tqdm(acts, desc=f"ratequant {name}", disable=not progress)):
         if layer_acts is None:
             continue
+        require_queries(f"ratequant over {name}", i, layer_acts)
         live.append(i)
         per_width = {"key": [], "value": []}
         for b in widths:
@@ -314,20 +327,16 @@ def load_source(src: Path, hf_path: str, quantize: bool, q_group_size: Optional[
     return model, tokenizer, config
 
 
-def kv_layout(model) -> tuple[list[str], int, int]:
+def kv_layout(model, model_type: str) -> tuple[list[str], int, int]:
     """(per layer "plain" or the native cache's class name, num_kv_heads, head_dim of the plain
-    layers), from one token through the model with its own caches. MLX infers shapes without
-    evaluating, so on a lazily loaded model no weight is read."""
-    cache = make_prompt_cache(model)
-    model(mx.array([[0]]), cache=cache)
-    plain = [c for c in cache if type(c) is KVCache]
-    if not plain:
-        native = sorted({type(c).__name__ for c in cache})
-        raise ValueError(f"the model has no attention layer with a plain KVCache for velox to compress (its layers "
-                         f"use {', '.join(native)}); velox compresses the KVCache layers of llama-style and hybrid "
-                         f"architectures (tested: {', '.join(TESTED_ARCHITECTURES)})")
-    _, num_kv_heads, _, head_dim = plain[0].keys.shape
-    return ["plain" if type(c) is KVCache else type(c).__name__ for c in cache], num_kv_heads, head_dim
+    layers), from ``cache_layout``'s probe. MLX infers shapes without evaluating, so on a
+    lazily loaded model no weight is read. Refusals name the model type."""
+    try:
+        layout = cache_layout(model)
+    except ValueError as e:
+        raise ValueError(f"velox cannot compress model type {model_type!r}: {e} (tested architectures: "
+                         f"{', '.join(TESTED_ARCHITECTURES)})") from None
+    return ["plain" if n is None else n for n in layout.native], layout.num_kv_heads, layout.head_dim
 
 
 def plan_conversion(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
@@ -358,7 +367,7 @@ def plan_conversion(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spec
 
     src = resolve_path(hf_path)
     model, tokenizer, config = load_source(src, hf_path, quantize, q_group_size, q_bits, q_mode)
-    caches, num_kv_heads, head_dim = kv_layout(model)
+    caches, num_kv_heads, head_dim = kv_layout(model, str(config.get("model_type")))
     for m, o in options.items():
         if o.get("outliers"):
             outliers.check(m, o["outliers"], head_dim)

@@ -16,13 +16,14 @@ class LayerActivations:
     """Calibration activations of one attention layer (float16 numpy, N tokens).
 
     keys [N, H_kv, D] after RoPE (what caches receive); keys_pre_rope [N, H_kv, D];
-    values [N, H_kv, D]; queries [N, H_q, D] after RoPE; positions [N].
+    values [N, H_kv, D]; queries [N, H_q, D] after RoPE, or None where capture could not
+    record them (see ``convert.capture``); positions [N].
     """
 
     keys: np.ndarray
     keys_pre_rope: np.ndarray
     values: np.ndarray
-    queries: np.ndarray
+    queries: Optional[np.ndarray]
     positions: np.ndarray
 
 

@@ -8,7 +8,8 @@ attention plugs in here); every other cache goes to mlx_lm's original function.
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import mlx.core as mx
 from mlx_lm.models import base
@@ -47,3 +48,16 @@ def uninstall() -> None:
     for module in _model_modules():
         if getattr(module, "scaled_dot_product_attention", None) is dispatch_attention:
             module.scaled_dot_product_attention = _ORIGINAL
+
+
+@contextmanager
+def installed() -> Iterator[None]:
+    """The dispatcher installed inside the block, then left as it was before (library code
+    never removes a dispatcher it did not install: ``velox.load``'s fast path needs it)."""
+    was = is_installed()
+    install()
+    try:
+        yield
+    finally:
+        if not was:
+            uninstall()

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
-from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 from mlx_lm.utils import load as mlx_lm_load
 
@@ -18,7 +17,8 @@ from ..format import ARTIFACT_FILE, VeloxFormatError, check_artifacts, read_safe
 from ..methods import METHODS, LayerSpec, get_method, outliers, ratequant
 from ..methods.rope import layer_rope
 from . import attention
-from .cache import VeloxKVCache
+from .cache import ExactCodec, VeloxKVCache
+from .layers import CacheLayout, cache_layout, native_caches
 
 # mlx_lm's load_prompt_cache (and CacheList) look cache classes up by name in their own
 # module: registered there, a velox prompt-cache file reads with plain mlx_lm too (caches
@@ -181,34 +181,71 @@ def build_codecs(kvq: dict, method: str, tensors: dict[str, mx.array], model) ->
     return codecs
 
 
-def check_kv_shapes(model, kvq: dict, method: str, native_make_cache) -> None:
-    """One token through the model with its own caches: each coded layer must really have
-    kv_quant's KV heads and head_dim. Checked before any codec is built, so absurd declared
-    sizes never allocate, and a smaller head count cannot broadcast silently."""
+def check_kv_shapes(kvq: dict, method: str, layout: CacheLayout) -> None:
+    """Each coded layer must really have kv_quant's KV heads and head_dim. Checked before any
+    codec is built, so absurd declared sizes never allocate, and a smaller head count cannot
+    broadcast silently."""
     H, D = kvq["model"]["num_kv_heads"], kvq["model"]["head_dim"]
-    native = native_make_cache() if native_make_cache else [KVCache() for _ in model.layers]
-    model(mx.array([[0]]), cache=native)
-    for entry, c in zip(kvq["methods"][method]["layers"], native):
-        if entry.get("cache") != "native" and type(c) is KVCache and tuple(c.keys.shape[1::2]) != (H, D):
+    for entry in kvq["methods"][method]["layers"]:
+        if entry.get("cache") != "native" and layout.coded[entry["layer"]] and (layout.num_kv_heads,
+                                                                                   layout.head_dim) != (H, D):
             raise VeloxFormatError(f"kv_quant: model gives num_kv_heads={H}, head_dim={D} but layer "
-                                   f"{entry['layer']} has {c.keys.shape[1]} KV heads of {c.keys.shape[3]}")
+                                   f"{entry['layer']} has {layout.num_kv_heads} KV heads of {layout.head_dim}")
 
 
-def check_codecs_run(model, method: str, make_cache) -> None:
-    """One token through the model with velox's caches: it must run and give finite logits."""
+SELF_CHECK_PREFILL = (1, 2, 3, 4)  # token ids of the self-check: a 4-token prefill, then decode steps
+SELF_CHECK_STEPS = (5, 6, 7)
+# Relative logit error allowed (a) between velox caches with exact codecs and the model's own
+# (float noise, fp16 sink/window), (b) between the fast path and the decode path on the same
+# codes beyond the codes' own error (a rounding that flips between the two paths).
+SELF_CHECK_EXACT = 1e-2
+SELF_CHECK_FAST = 2e-2
+
+
+def self_check_logits(model, caches: list) -> mx.array:
+    """Logits [steps + 1, vocab] of the self-check prompt: the prefill's last, then each step's."""
+    out = [model(mx.array([SELF_CHECK_PREFILL]), cache=caches)[:, -1]]
+    out += [model(mx.array([[t]]), cache=caches)[:, -1] for t in SELF_CHECK_STEPS]
+    return mx.concatenate(out).astype(mx.float32)
+
+
+def self_check(model, method: str, make_cache: Callable[[bool, bool], list], fast: bool) -> None:
+    """Refuse caches that do not honour the model's attention (a model type whose layers use
+    their cache in a way velox did not expect), by logits after a prefill and decode steps.
+
+    make_cache(fast, exact): velox's caches with the fast path or not, the real codecs or
+    exact ones. Three checks: exact codecs reproduce the model's own caches; the real codecs
+    run and give finite logits; with ``fast``, the fast path agrees with the decode path on
+    the same codes (within the codes' own error against the model's caches, which it cannot
+    exceed).
+    """
+    rel = lambda a, b: (mx.linalg.norm(a - b) / (mx.linalg.norm(b) + 1e-30)).item()
+    ref = self_check_logits(model, native_caches(model))
+    err = rel(self_check_logits(model, make_cache(False, True)), ref)
+    if not err <= SELF_CHECK_EXACT:
+        raise VeloxFormatError(f"{method}: velox's caches with exact codecs give logits {err:.2g} off the model's "
+                               "own caches: this architecture uses its KV cache in a way velox does not support")
     try:
-        logits = model(mx.array([[0]]), cache=make_cache())
+        slow = self_check_logits(model, make_cache(False, False))
     except ValueError as e:
         raise VeloxFormatError(f"{method}: the folder's codecs do not run on this model: {e}") from None
-    if not mx.all(mx.isfinite(logits)).item():
+    if not mx.all(mx.isfinite(slow)).item():
         raise VeloxFormatError(f"{method}: the folder's codecs give NaN/Inf logits on this model")
+    caches = make_cache(True, False) if fast else []
+    if any(getattr(c, "fast", False) for c in caches):
+        err, codes = rel(self_check_logits(model, caches), slow), rel(slow, ref)
+        if not err <= max(SELF_CHECK_FAST, codes):
+            raise VeloxFormatError(f"{method}: attention from the codes gives logits {err:.2g} off the decoded "
+                                   f"cache's (the codes themselves: {codes:.2g} off exact); load with fast=False")
 
 
 def install_kv_caches(model, folder: Path, kvq: dict, method: Optional[str] = None, fast: bool = True) -> str:
     """Replace ``model.make_cache`` so plain KVCache layers get VeloxKVCache. Returns the method.
 
-    fast: caches whose codecs allow it attend from their codes (``velox.kernels``); this
-    installs the attention dispatcher that routes attention to them.
+    fast: caches whose codecs allow it attend from their codes (``velox.kernels``) in the
+    layers whose attention reaches velox's dispatcher (``CacheLayout.attends_from_cache``);
+    this installs the dispatcher that routes attention to them. The caches are checked on a
+    short prompt against the model's own before they are installed (``self_check``).
     """
     method = method or kvq["default_method"]
     if method not in kvq["methods"]:
@@ -220,20 +257,25 @@ def install_kv_caches(model, folder: Path, kvq: dict, method: Optional[str] = No
     # Keep the model's own factory across repeated installs (another method, another folder).
     if not hasattr(model, "_velox_native_make_cache"):
         model._velox_native_make_cache = getattr(model, "make_cache", None)
-    native_make_cache = model._velox_native_make_cache
-    check_kv_shapes(model, kvq, method, native_make_cache)
+    try:
+        layout = cache_layout(model)
+    except ValueError as e:
+        raise VeloxFormatError(f"kv_quant: {e}") from None
+    check_kv_shapes(kvq, method, layout)
     codecs = build_codecs(kvq, method, tensors, model)
     entry = kvq["methods"][method]
     fp16 = {"sink": int(entry.get("sink", 0)), "window": int(entry.get("window", 0))}
     attention.install()
 
-    def make_cache() -> list[Any]:
-        native = native_make_cache() if native_make_cache else [KVCache() for _ in model.layers]
-        return [VeloxKVCache(*c, method=method, fast=fast, **fp16) if c is not None and type(n) is KVCache else n
-                for c, n in zip(codecs, native)]
+    def caches(fast: bool, exact: bool = False) -> list[Any]:
+        native = native_caches(model)
+        return [VeloxKVCache(*((ExactCodec(), ExactCodec()) if exact else c), method=method,
+                             fast=fast and layout.attends_from_cache[i], **fp16)
+                if c is not None and layout.coded[i] else n
+                for i, (c, n) in enumerate(zip(codecs, native))]
 
-    check_codecs_run(model, method, make_cache)
-    model.make_cache = make_cache
+    self_check(model, method, caches, fast)
+    model.make_cache = lambda: caches(fast)
     return method
 
 
