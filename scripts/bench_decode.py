@@ -10,6 +10,13 @@ two ways: one step (one eval) at a time, the median step giving tok/s; and throu
 while the GPU computes this one), the mean over the tokens.
 
     python scripts/bench_decode.py --contexts 1024,4096 --tokens 16
+
+``--model FOLDER`` times a converted folder instead (the table of record on the CPU): the model's
+own fp16 KVCache and every method the folder holds, each prefilled once per context, then decode
+steps taken alternately (fp16, method 1, method 2, …, fp16, …) in one process, so a change in the
+machine's speed shows in every column alike.
+
+    python scripts/bench_decode.py --model out/smollm2-kv --contexts 4096,8192 --tokens 16
 """
 
 from __future__ import annotations
@@ -86,6 +93,61 @@ def decode_seconds(model, cache: list, context: int, tokens: int) -> tuple[float
     return sorted(times)[len(times) // 2], (time.perf_counter() - start) / tokens, peak
 
 
+def prefill(model, cache: list, prompt: mx.array) -> tuple[mx.array, int]:
+    """Prefill ``prompt [1, S]`` in chunks -> (the greedy next token [1], peak MLX memory in bytes)."""
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    for a in range(0, prompt.shape[1], PREFILL_CHUNK):
+        logits = model(prompt[:, a:a + PREFILL_CHUNK], cache=cache)
+        mx.eval(logits)
+    return mx.argmax(logits[:, -1], axis=-1), mx.get_peak_memory()
+
+
+def bench_folder(args) -> None:
+    """The --model table: fp16 KVCache and each method of the folder, decode steps alternated."""
+    import mlx_lm
+
+    from velox.cpu import float32_on_cpu
+    from velox.runtime.layers import native_caches
+    from velox.runtime.loader import cache_factory, read_kv_quant
+
+    model, _ = mlx_lm.load(args.model)
+    float32_on_cpu(model)
+    kvq = read_kv_quant(Path(args.model))
+    methods = list(kvq["methods"]) if args.methods is None else args.methods.split(",")
+    factories = {"fp16": lambda: native_caches(model)}
+    for m in methods:
+        factories[m] = cache_factory(model, Path(args.model), kvq, m, fast=True)[1]
+    attention.install()
+    vocab = model.args.vocab_size
+    print(f"device: {mx.default_device()}, mlx {mx.__version__}, model {args.model} ({len(model.layers)} layers), "
+          f"float32 on the CPU, {args.tokens} decode steps per cache, alternated")
+    print()
+    print("| context | " + " | ".join(f"{k} tok/s" for k in factories) + " | "
+          + " | ".join(f"{m} ÷ fp16" for m in methods) + " | prefill peak MiB (" + " / ".join(factories) + ") |")
+    print("|---:|" + "---:|" * (2 * len(factories)))
+    for S in (int(c) for c in args.contexts.split(",")):
+        prompt = mx.random.randint(0, vocab, (1, S), key=mx.random.key(1))
+        state, peaks = {}, {}
+        for name, make in factories.items():
+            cache = make()
+            tok, peaks[name] = prefill(model, cache, prompt)
+            state[name] = [cache, tok]
+        times = {name: [] for name in factories}
+        for _ in range(args.tokens):
+            for name, st in state.items():
+                start = time.perf_counter()
+                logits = model(st[1][:, None], cache=st[0])
+                st[1] = mx.argmax(logits[:, -1], axis=-1)
+                mx.eval(st[1])
+                times[name].append(time.perf_counter() - start)
+        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        print(f"| {S} | " + " | ".join(f"{1 / med[k]:.2f}" for k in factories) + " | "
+              + " | ".join(f"{med['fp16'] / med[m]:.2f}" for m in methods) + " | "
+              + " / ".join(f"{peaks[k] / 2**20:.0f}" for k in factories) + " |", flush=True)
+        del state
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="1024,4096")
@@ -97,10 +159,15 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--dtype", default=None, help="model dtype (default: float32 on CPU, float16 on GPU)")
+    ap.add_argument("--model", default=None, help="a converted velox folder: time its methods against fp16")
+    ap.add_argument("--methods", default=None, help="with --model: these methods (default: all the folder holds)")
     args = ap.parse_args(argv)
     on_cpu = mx.default_device() == mx.cpu
     if on_cpu:
         reexec_with_openblas()
+    if args.model:
+        bench_folder(args)
+        return 0
     dtype = getattr(mx, args.dtype) if args.dtype else (mx.float32 if on_cpu else mx.float16)
     model = build_model(args, dtype)
     attention.install()

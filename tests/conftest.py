@@ -71,6 +71,16 @@ def tiny_llama(smollm2_path, tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", smollm2_path)
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def dispatcher():
     """The attention dispatcher installed for the test, then put back as it was."""

@@ -196,18 +196,21 @@ def test_coded_cache_close_to_native(arch, method, key_err):
 
 
 def test_model_without_rope(smollm2_path, tmp_path):
-    """gpt2 (learned positions, no rope module): data-free methods convert and run with the
-    keys as they are; a pre-RoPE method is refused with a clear error."""
+    """gpt2 (learned positions, no rope module): its keys are pre-RoPE as they come, so data-free
+    and pre-RoPE methods alike convert and run, the latter with the identity as RoPE inverse
+    (a key codes the same at every position)."""
     src = write_tiny_model(tmp_path / "hf", smollm2_path, "gpt2", n_ctx=256, n_embd=64, n_head=2, n_layer=2,
                            n_positions=256, layer_norm_epsilon=1e-5, vocab_size=49152)
-    convert(str(src), str(tmp_path / "kv"), kv="turboquant_mse", calib_tokens=256, calib_seq_len=64,
+    convert(str(src), str(tmp_path / "kv"), kv="turboquant_mse,commvq", calib_tokens=256, calib_seq_len=64,
             progress=False)
-    model, tok = velox.load(str(tmp_path / "kv"))
-    cache = make_prompt_cache(model)
-    assert all(isinstance(c, VeloxKVCache) for c in cache)
-    assert mlx_lm.generate(model, tok, prompt="Hello", max_tokens=4, prompt_cache=cache)
-    with pytest.raises(ValueError, match="needs the layer's rope module"):
-        convert(str(src), str(tmp_path / "kv2"), kv="commvq", calib_tokens=256, calib_seq_len=64, progress=False)
+    for method in ("turboquant_mse", "commvq"):
+        model, tok = velox.load(str(tmp_path / "kv"), kv=method)
+        cache = make_prompt_cache(model)
+        assert all(isinstance(c, VeloxKVCache) for c in cache)
+        assert mlx_lm.generate(model, tok, prompt="Hello", max_tokens=4, prompt_cache=cache)
+    codec = cache[0].key_codec
+    k = mx.random.normal((1, 2, 1, 32))
+    assert all(mx.array_equal(a, b).item() for a, b in zip(codec.encode(k, offset=0), codec.encode(k, offset=9)))
 
 
 def test_layout_says_which_layers_attend_from_their_cache(arch):
@@ -243,9 +246,8 @@ def test_self_check_refuses_a_fast_path_the_model_bypasses(smollm2_path, tmp_pat
     """Were gemma2's layers given the fast path (their caches returning only the new tokens to
     a model that attends to what it is handed), velox.load refuses instead of generating from
     a cache it never reads."""
-    from velox.format import VeloxFormatError
     from velox.runtime import loader
-    from velox.runtime.layers import cache_layout
+    from velox.runtime.layers import UnsupportedArchitecture, cache_layout
 
     model_type, config, _, _ = ARCHS["gemma2-softcap"]
     src = write_tiny_model(tmp_path / "hf", smollm2_path, model_type, **config)
@@ -257,6 +259,6 @@ def test_self_check_refuses_a_fast_path_the_model_bypasses(smollm2_path, tmp_pat
         return layout
 
     monkeypatch.setattr(loader, "cache_layout", wrong_layout)
-    with pytest.raises(VeloxFormatError, match="attention from the codes gives logits"):
+    with pytest.raises(UnsupportedArchitecture, match="'gemma2': turboquant_mse's attention from the codes gives logits"):
         velox.load(str(tmp_path / "kv"))
     velox.load(str(tmp_path / "kv"), fast=False)  # the decode path is right, and loads

@@ -42,6 +42,7 @@ def test_capture_records_every_layer_and_restores_attention(tiny_llama):
 
     model, tok = mlx_lm.load(str(tiny_llama))
     seqs = np.random.default_rng(0).integers(0, 1000, (3, 32))
+    attention.uninstall()  # an earlier velox.load installed it; capture leaves the state it finds
     acts = capture(model, seqs, progress=False)
     assert len(acts) == 2
     a = acts[1]

@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from conftest import load_script
 from velox.kernels import source
 
 CUDA_ONLY = ["__shfl", "__syncthreads", "__shared__", "__device__", "__expf", "__int_as_float", "__half",
@@ -135,17 +136,6 @@ def decode_unit(header: str, body: str, extra_outputs: tuple[tuple[str, str], ..
     return mlx_cuda_source(inputs, [DECODE_INPUT_TYPES.get(n, "float32") for n in inputs],
                            outputs + [n for n, _ in extra_outputs],
                            [t["OT"]] + ["float32"] + [ty for _, ty in extra_outputs], header, body, t)
-
-
-def load_script(name: str):
-    """scripts/<name>.py as a module."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_cuda_decode_kernel_compiles_with_nvrtc():

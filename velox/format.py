@@ -67,6 +67,9 @@ def validate_kv_quant(kvq: Any, num_layers: int, known_methods: set[str]) -> dic
              and _is_int(model.get("head_dim"), 2, MAX_HEAD_DIM) and model["head_dim"] % 2 == 0,
              f"model must give positive integers num_kv_heads and head_dim (num_kv_heads at most "
              f"{MAX_KV_HEADS}, head_dim even and at most {MAX_HEAD_DIM}), got {model!r}")
+    _require("value_head_dim" not in model or (_is_int(model["value_head_dim"], 2, MAX_HEAD_DIM)
+                                               and model["value_head_dim"] % 2 == 0),
+             f"model.value_head_dim, where given, must be an even integer in 2..{MAX_HEAD_DIM}, got {model!r}")
     _require(model.get("num_layers", num_layers) == num_layers,
              f"model.num_layers is {model.get('num_layers')} but the model has {num_layers} layers")
     calibration = kvq.get("calibration", {})

@@ -18,7 +18,7 @@ from mlx_lm.models.cache import create_attention_mask
 from tqdm import tqdm
 
 from ..methods.base import LayerActivations
-from ..methods.rope import ROPE_NAMES, RopeInverse, attention_module, layer_rope
+from ..methods.rope import RopeInverse, find_rope, layer_rope
 from ..runtime import attention
 from ..runtime.layers import cache_layout, native_caches
 
@@ -72,15 +72,15 @@ class RopeRecorder:
 
 
 def record_ropes(model, layers: list[int]) -> dict[int, tuple[Any, str, RopeRecorder]]:
-    """Put a RopeRecorder in place of each listed layer's rope module -> {layer: (attention
+    """Put a RopeRecorder in place of each listed layer's rope module -> {layer: (owning
     module, attribute, recorder)}; ``restore_ropes`` puts the modules back."""
     recorders = {}
     for i in layers:
-        attn = attention_module(model.layers[i])
-        name = next((n for n in ROPE_NAMES if hasattr(attn, n)), None)
-        if name is not None:
-            recorders[i] = (attn, name, RopeRecorder(getattr(attn, name)))
-            setattr(attn, name, recorders[i][2])
+        found = find_rope(model.layers[i])
+        if found is not None:
+            owner, name = found
+            recorders[i] = (owner, name, RopeRecorder(getattr(owner, name)))
+            setattr(owner, name, recorders[i][2])
     return recorders
 
 
@@ -98,14 +98,6 @@ def check_finite(layer: int, sequence: int, parts: tuple[tuple[str, np.ndarray],
                          "the model's activations are not finite there, so velox cannot calibrate on them")
 
 
-def layer_unrope(model, layer: int, head_dim: int):
-    """(keys, offset) -> pre-RoPE keys for one layer. A layer without a rope module
-    (learned or no positions: gpt2, NoPE layers) hands its cache keys that are already
-    pre-RoPE, so they are kept as they are."""
-    rope = layer_rope(model, layer)
-    return RopeInverse(rope, head_dim).unrope if rope is not None else (lambda x, offset: x)
-
-
 def capture(model, sequences: np.ndarray, progress: bool = True) -> list[LayerActivations | None]:
     """Run ``sequences [n_seq, L]`` through the model; one LayerActivations per layer.
 
@@ -119,7 +111,10 @@ def capture(model, sequences: np.ndarray, progress: bool = True) -> list[LayerAc
     n_seq, L = sequences.shape
     store = {i: dict(keys=[], pre=[], values=[], queries=[]) for i in coded}
     # built before any rope module is swapped for a recorder
-    unrope = {i: layer_unrope(model, i, layout.head_dim) for i in coded}
+    # keys of another head_dim than the values (MLA's latents) are not what the rope rotates:
+    # no pre-RoPE frame for them (the methods that need one refuse such layers)
+    same = layout.head_dim == layout.value_head_dim
+    unrope = {i: RopeInverse(layer_rope(model, i) if same else None, layout.head_dim).unrope for i in coded}
     recorders = record_ropes(model, [i for i in coded if not layout.attends_from_cache[i]])
     try:
         with attention.installed():

@@ -118,7 +118,8 @@ def describe_plan(plan, after: list[str]) -> str:
         f"model        {plan.hf_path} ({plan.config.get('model_type', '?')}, {len(plan.caches)} layers)",
         f"weights      {weights}",
         f"KV caches    {coded} plain KVCache layers coded by velox; native: {', '.join(native) or 'none'}",
-        f"KV heads     {plan.num_kv_heads} per layer, head_dim {plan.head_dim}",
+        f"KV heads     {plan.num_kv_heads} per layer, head_dim {plan.head_dim}"
+        + (f" (values {plan.value_head_dim})" if plan.value_head_dim != plan.head_dim else ""),
         "methods      (the first is the default)",
         *(method_plan(plan, m) for m in plan.methods),
         f"calibration  {tokens.size} tokens ({tokens.shape[0]} sequences of {tokens.shape[1]}) of "

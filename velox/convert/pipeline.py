@@ -31,7 +31,7 @@ from ..methods.rope import layer_rope, spec_rope
 from ..model_cards import describe_weights, render_card
 from ..runtime.cache import ExactCodec, VeloxKVCache
 from ..runtime.layers import cache_layout
-from ..runtime.loader import TESTED_ARCHITECTURES, build_codecs, load_artifact, load_mlx_lm, resolve_path
+from ..runtime.loader import build_codecs, cache_factory, load_artifact, load_mlx_lm, resolve_path
 from .calib_data import CalibrationSet, load_calibration
 from .capture import capture
 
@@ -95,9 +95,12 @@ def parse_allocation(avg_bits: Optional[float], alloc: Optional[str], key_bits: 
 
 
 def _layer_spec(model, acts: list, i: int, key_bits: int, value_bits: int, seed: int) -> LayerSpec:
-    _, num_kv_heads, head_dim = next(a for a in acts if a is not None).keys.shape
+    first = next(a for a in acts if a is not None)
+    _, num_kv_heads, head_dim = first.keys.shape
+    value_dim = first.values.shape[-1]
     return LayerSpec(layer=i, num_kv_heads=num_kv_heads, head_dim=head_dim, key_bits=key_bits,
-                     value_bits=value_bits, seed=seed, rope=layer_rope(model, i))
+                     value_bits=value_bits, seed=seed, rope=layer_rope(model, i),
+                     value_head_dim=value_dim if value_dim != head_dim else None)
 
 
 def require_queries(method: str, layer: int, acts: LayerActivations) -> None:
@@ -128,12 +131,16 @@ def calibrate_method(name: str, acts: list, model, key_bits: int, value_bits: in
             layers.append({"layer": i, "cache": "native"})
             continue
         t0 = time.perf_counter()
-        if module.calibrate is not no_calibration:
-            require_queries(name, i, layer_acts)
         spec = _layer_spec(model, acts, i, key_bits, value_bits, seed)
+        if module.calibrate is not no_calibration:
+            if spec.value_head_dim:
+                raise ValueError(f"{name} calibrates keys before RoPE, and this model's caches hold keys of "
+                                 f"{spec.head_dim} and values of {spec.value_head_dim} dims (MLA-style latent "
+                                 "caches, or keys wider than values): use a data-free method")
+            require_queries(name, i, layer_acts)
         fitted = module.calibrate(layer_acts, spec, **method_options)
         if n_outliers:
-            pairs = spec_rope(spec, name).pairs if spec.rope else np.arange(spec.head_dim).reshape(-1, 2)
+            pairs = spec_rope(spec).pairs
             fitted.update(outliers.fit(layer_acts.keys, n_outliers, pairs))
         mx.eval(list(fitted.values()))  # so the time is this layer's
         tensors.update({f"{name}.layers.{i}.{k}": v for k, v in fitted.items()})
@@ -289,6 +296,7 @@ class Plan:
     caches: list[str]  # per layer: "plain" (velox codes it) or the native cache's class name
     num_kv_heads: int
     head_dim: int
+    value_head_dim: int
     calib: CalibrationSet
     weights: Optional[dict]  # weight_quantization(); None: full-precision weights
     model: Any
@@ -327,16 +335,13 @@ def load_source(src: Path, hf_path: str, quantize: bool, q_group_size: Optional[
     return model, tokenizer, config
 
 
-def kv_layout(model, model_type: str) -> tuple[list[str], int, int]:
-    """(per layer "plain" or the native cache's class name, num_kv_heads, head_dim of the plain
-    layers), from ``cache_layout``'s probe. MLX infers shapes without evaluating, so on a
-    lazily loaded model no weight is read. Refusals name the model type."""
-    try:
-        layout = cache_layout(model)
-    except ValueError as e:
-        raise ValueError(f"velox cannot compress model type {model_type!r}: {e} (tested architectures: "
-                         f"{', '.join(TESTED_ARCHITECTURES)})") from None
-    return ["plain" if n is None else n for n in layout.native], layout.num_kv_heads, layout.head_dim
+def kv_layout(model) -> tuple[list[str], int, int, int]:
+    """(per layer "plain" or the native cache's class name, num_kv_heads, head_dim and
+    value_head_dim of the plain layers), from ``cache_layout``'s probe. MLX infers shapes
+    without evaluating, so on a lazily loaded model no weight is read."""
+    layout = cache_layout(model)
+    return (["plain" if n is None else n for n in layout.native], layout.num_kv_heads, layout.head_dim,
+            layout.value_head_dim)
 
 
 def plan_conversion(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spectral",
@@ -367,14 +372,14 @@ def plan_conversion(hf_path: str, mlx_path: str, kv: str | Sequence[str] = "spec
 
     src = resolve_path(hf_path)
     model, tokenizer, config = load_source(src, hf_path, quantize, q_group_size, q_bits, q_mode)
-    caches, num_kv_heads, head_dim = kv_layout(model, str(config.get("model_type")))
+    caches, num_kv_heads, head_dim, value_head_dim = kv_layout(model)
     for m, o in options.items():
         if o.get("outliers"):
             outliers.check(m, o["outliers"], head_dim)
     calib = load_calibration(tokenizer, calib_data, calib_tokens, calib_seq_len)
     return Plan(hf_path=str(hf_path), source=src, target=target, methods=names, bits=bits, alloc=alloc,
                 avg_bits=avg_bits, options=options, sink=sink, window=window, seed=seed, caches=caches,
-                num_kv_heads=int(num_kv_heads), head_dim=int(head_dim), calib=calib,
+                num_kv_heads=int(num_kv_heads), head_dim=int(head_dim), value_head_dim=int(value_head_dim), calib=calib,
                 weights=weight_quantization(model, config, quantize), model=model, tokenizer=tokenizer,
                 config=config)
 
@@ -402,7 +407,7 @@ MEASURE_TOKENS = 1024  # a multiple of the caches' 256-token step: no allocation
 
 
 def layer_bytes_per_token(codecs: list, method: str, entry: dict, num_kv_heads: int, head_dim: int,
-                          n: int = MEASURE_TOKENS) -> float:
+                          value_head_dim: int, n: int = MEASURE_TOKENS) -> float:
     """Mean bytes one coded layer's VeloxKVCache holds per token once ``n`` tokens went in.
 
     codecs: the loader's (key codec, value codec) per layer, None for native layers. Each
@@ -410,11 +415,12 @@ def layer_bytes_per_token(codecs: list, method: str, entry: dict, num_kv_heads: 
     scalars, fp16 sink/window). Those bytes depend on the token count only, so random
     vectors measure them.
     """
-    kv = mx.random.normal((2, 1, num_kv_heads, n, head_dim), key=mx.random.key(0))
+    keys = mx.random.normal((1, num_kv_heads, n, head_dim), key=mx.random.key(0))
+    values = mx.random.normal((1, num_kv_heads, n, value_head_dim), key=mx.random.key(1))
     caches = [VeloxKVCache(*c, method=method, sink=entry.get("sink", 0), window=entry.get("window", 0))
               for c in codecs if c is not None]
     for c in caches:
-        c.update_and_fetch(kv[0], kv[1])
+        c.update_and_fetch(keys, values)
     return sum(c.nbytes for c in caches) / (len(caches) * n)
 
 
@@ -488,7 +494,8 @@ def write_folder(plan: Plan, progress: bool = True, repo_id: Optional[str] = Non
             "default_method": plan.methods[0],
             "methods": methods,
             "model": {"num_layers": len(model.layers), "num_kv_heads": plan.num_kv_heads,
-                      "head_dim": plan.head_dim},
+                      "head_dim": plan.head_dim,
+                      **({"value_head_dim": plan.value_head_dim} if plan.value_head_dim != plan.head_dim else {})},
             "calibration": {"corpus": plan.calib.corpus, "sha256": plan.calib.sha256,
                             "tokens": int(plan.calib.tokens.size), "seq_len": int(plan.calib.tokens.shape[1]),
                             "seed": plan.seed, "capture_seconds": round(capture_seconds, 2)},
@@ -496,9 +503,10 @@ def write_folder(plan: Plan, progress: bool = True, repo_id: Optional[str] = Non
         }
         saved = load_artifact(tmp)  # measured from what was written, codecs built as velox.load builds them
         for m, entry in methods.items():
+            cache_factory(model, tmp, kvq, m)  # velox.load's checks: a model they refuse gets no folder
             codecs = build_codecs(kvq, m, saved, model)
             entry["bytes_per_token_per_layer"] = round(
-                layer_bytes_per_token(codecs, m, entry, plan.num_kv_heads, plan.head_dim), 2)
+                layer_bytes_per_token(codecs, m, entry, plan.num_kv_heads, plan.head_dim, plan.value_head_dim), 2)
         config = dict(plan.config, kv_quant=kvq)
         save_config(config, tmp / "config.json")
         base = plan.hf_path if not Path(plan.hf_path).exists() else Path(plan.hf_path).name

@@ -32,7 +32,8 @@ class LayerSpec:
     """Settings of one layer's cache for one method.
 
     rope: the layer's rope module (given at load time; methods that code keys before
-    RoPE need it).
+    RoPE need it). value_head_dim: the values' head_dim where it differs from the keys'
+    (MLA-style latent caches; data-free methods only).
     """
 
     layer: int
@@ -42,6 +43,12 @@ class LayerSpec:
     value_bits: int
     seed: int = 0
     rope: Any = None
+    value_head_dim: Optional[int] = None
+
+    @property
+    def value_dim(self) -> int:
+        """The values' head_dim."""
+        return self.value_head_dim or self.head_dim
 
 
 def no_calibration(acts: LayerActivations, spec: LayerSpec) -> dict:

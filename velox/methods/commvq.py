@@ -240,7 +240,7 @@ def calibrate(acts: LayerActivations, spec: LayerSpec, query_aware: bool = True)
     energies (velox's addition; a real per-pair scale keeps codewords t_A + i·t_B in the
     structured set, so commutativity with RoPE is kept). Off: scale 1.
     """
-    rope = spec_rope(spec, "commvq")
+    rope = spec_rope(spec)
     if spec.head_dim * spec.key_bits % 8:
         raise ValueError(f"commvq: head_dim × bits must be a multiple of 8, got {spec.head_dim} × {spec.key_bits}")
     G = groups(spec.head_dim)
@@ -266,7 +266,7 @@ def calibrate(acts: LayerActivations, spec: LayerSpec, query_aware: bool = True)
 
 def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[PreRopeCodec, object]:
     """(key codec, value codec) for one layer; ``spec.rope`` is the layer's rope module."""
-    rope = spec_rope(spec, "commvq")
+    rope = spec_rope(spec)
     G = groups(spec.head_dim)
     books = tensor(tensors, "keys.codebooks", (spec.num_kv_heads, G, stages(spec.head_dim, spec.key_bits), HALF,
                                                spec.head_dim // G), mx.float32)

@@ -105,7 +105,7 @@ def calibrate(acts: LayerActivations, spec: LayerSpec, nlist: int = DEFAULT_NLIS
     pre-RoPE space): weighted k-means of the pre-RoPE keys per head."""
     if not 1 <= nlist <= 256:
         raise ValueError(f"rabitq: nlist must be in 1..256, got {nlist}")
-    rope = spec_rope(spec, "rabitq")
+    rope = spec_rope(spec)
     k = acts.keys_pre_rope.astype(np.float32)                      # [N, H, D]
     weights = (attention_mass(acts) ** WEIGHT_POWER).T             # [H, N]
     seed = spec.seed + spec.layer
@@ -121,7 +121,7 @@ def calibrate(acts: LayerActivations, spec: LayerSpec, nlist: int = DEFAULT_NLIS
 
 def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[PreRopeCodec, object]:
     """(key codec, value codec) for one layer; ``spec.rope`` is the layer's rope module."""
-    rope = spec_rope(spec, "rabitq")
+    rope = spec_rope(spec)
     cent = tensor(tensors, "keys.centroids", (spec.num_kv_heads, None, spec.head_dim), mx.float32)
     if not 1 <= cent.shape[1] <= 256:
         raise VeloxFormatError(f"rabitq: keys.centroids holds {cent.shape[1]} centroids per head (1..256 allowed)")

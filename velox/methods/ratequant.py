@@ -179,7 +179,7 @@ def make_mixed_codecs(module: ModuleType, tensors: dict[str, mx.array], spec: La
             mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             sub = width_spec(module, spec, b, heads=len(heads))
             groups.append((heads, module.make_codecs(head_tensors(mine, heads, H), sub)[which]))
-        codecs.append(HeadGroupCodec(groups, spec.head_dim))
+        codecs.append(HeadGroupCodec(groups, spec.value_dim if which else spec.head_dim))
     return codecs[0], codecs[1]
 
 

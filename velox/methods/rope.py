@@ -4,7 +4,7 @@ keys in the pre-RoPE frame (the cache receives post-RoPE keys)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -12,22 +12,26 @@ import numpy as np
 PROBE_POSITIONS = (1, 37, 1000, 4096)
 
 
-def attention_module(layer):
-    """The attention submodule of a transformer block (``self_attn`` in mlx_lm models)."""
-    for name in ("self_attn", "attention", "attn"):
-        if hasattr(layer, name):
-            return getattr(layer, name)
-    raise ValueError(f"cannot find the attention module of {type(layer).__name__}")
-
-
 ROPE_NAMES = ("rope", "rotary_emb")  # mlx_lm's names for an attention's rope module (rotary_emb: qwen, plamo)
 
 
+def find_rope(block) -> Optional[tuple[Any, str]]:
+    """(module, attribute name) of a transformer block's rope module: the shallowest submodule
+    with a non-None attribute of a ROPE_NAMES name (``self_attn.rope`` in most mlx_lm models,
+    ``mixer.rotary_emb`` in plamo2's), or None if the block has none (learned or no
+    positions, as gpt2's)."""
+    found = [(name.count("."), name, m, attr) for name, m in block.named_modules()
+             for attr in ROPE_NAMES if getattr(m, attr, None) is not None]
+    if not found:
+        return None
+    _, _, owner, attr = min(found, key=lambda f: f[:2])
+    return owner, attr
+
+
 def layer_rope(model, layer: int):
-    """The rope module of ``model.layers[layer]``'s attention, or None if it has none
-    (learned or no positions, as gpt2's)."""
-    attn = attention_module(model.layers[layer])
-    return next((getattr(attn, name) for name in ROPE_NAMES if hasattr(attn, name)), None)
+    """The rope module of ``model.layers[layer]``, or None if it has none (see ``find_rope``)."""
+    found = find_rope(model.layers[layer])
+    return getattr(*found) if found else None
 
 
 def rope_matrices(rope, positions, head_dim: int) -> np.ndarray:
@@ -51,11 +55,16 @@ class RopeInverse:
 
     Every mlx_lm rope rotates pairs of dimensions (times a constant mscale m), so with
     P = the sign flip of each pair's second member, rope⁻¹(x) = P·rope(P·x) / m².
-    The pairing and m are read off the module by probing it, not assumed.
+    The pairing and m are read off the module by probing it, not assumed. ``rope=None``
+    (a layer without one: NoPE layers, learned positions) is the identity, so its keys are
+    pre-RoPE as they come and every pairing of dimensions commutes with it.
     """
 
     def __init__(self, rope: Any, head_dim: int):
         self.module = rope
+        if rope is None:
+            self.pairs = np.arange(head_dim, dtype=np.int64).reshape(-1, 2)
+            return
         mats = rope_matrices(rope, PROBE_POSITIONS, head_dim)
         off = np.abs(mats).sum(axis=0) * (1 - np.eye(head_dim))
         sign = np.ones(head_dim, dtype=np.float32)
@@ -77,17 +86,17 @@ class RopeInverse:
 
     def rope(self, x: mx.array, offset: int) -> mx.array:
         """x [B, H, L, D] at positions offset.. -> rotated."""
-        return self.module(x, offset=offset)
+        return x if self.module is None else self.module(x, offset=offset)
 
     def unrope(self, x: mx.array, offset: int) -> mx.array:
         """Inverse of ``rope``: x [B, H, L, D] -> pre-RoPE."""
+        if self.module is None:
+            return x
         return self.sign * self.module(self.sign * x, offset=offset) * self.inv_m2
 
 
-def spec_rope(spec, method: str) -> RopeInverse:
-    """The RopeInverse of a LayerSpec's rope module; a clear error if the layer has none."""
-    if spec.rope is None:
-        raise ValueError(f"{method} codes keys before RoPE and needs the layer's rope module")
+def spec_rope(spec) -> RopeInverse:
+    """The RopeInverse of a LayerSpec's rope module (the identity where the layer has none)."""
     return RopeInverse(spec.rope, spec.head_dim)
 
 

@@ -49,4 +49,4 @@ def seeded_codecs(spec, make_codec):
     """(key codec, value codec) of a data-free method: ``make_codec(head_dim, bits, seed)`` with
     the layer's key and value seeds; spec: a LayerSpec."""
     return (make_codec(spec.head_dim, spec.key_bits, layer_seed(spec.seed, spec.layer, KEY_ROTATION)),
-            make_codec(spec.head_dim, spec.value_bits, layer_seed(spec.seed, spec.layer, VALUE_ROTATION)))
+            make_codec(spec.value_dim, spec.value_bits, layer_seed(spec.seed, spec.layer, VALUE_ROTATION)))

@@ -130,6 +130,6 @@ def codec_from_tensors(t: dict[str, mx.array], spec: LayerSpec | None = None, pr
 
 def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[PreRopeCodec, ScalarCodec]:
     """(key codec, value codec) for one layer; ``spec.rope`` is the layer's rope module."""
-    keys = PreRopeCodec(codec_from_tensors(tensors, spec, "keys."), spec_rope(spec, "spectral"))
+    keys = PreRopeCodec(codec_from_tensors(tensors, spec, "keys."), spec_rope(spec))
     _, values = turboquant_mse.make_codecs({}, spec)
     return keys, values

@@ -111,7 +111,7 @@ def calibrate(acts: LayerActivations, spec: LayerSpec, query_aware: bool = True,
     if spec.head_dim % GEOMETRY[spec.key_bits][0]:
         raise ValueError(f"vecinfer: head_dim {spec.head_dim} is not a multiple of the "
                          f"{GEOMETRY[spec.key_bits][0]}-dim sub-vectors of {spec.key_bits}-bit keys")
-    rope = spec_rope(spec, "vecinfer")
+    rope = spec_rope(spec)
     k = acts.keys_pre_rope.astype(np.float32)
     peak = np.abs(k).max(axis=0)  # [H, D]
     peak = to_pairs(np.maximum(peak[:, rope.pairs[:, 0]], peak[:, rope.pairs[:, 1]]), rope.pairs)
@@ -128,7 +128,7 @@ def calibrate(acts: LayerActivations, spec: LayerSpec, query_aware: bool = True,
 
 def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[PreRopeCodec, object]:
     """(key codec, value codec) for one layer; ``spec.rope`` is the layer's rope module."""
-    rope = spec_rope(spec, "vecinfer")
+    rope = spec_rope(spec)
     H, D = spec.num_kv_heads, spec.head_dim
     d, K = GEOMETRY[spec.key_bits]
     books = tensor(tensors, "keys.codebooks", (None, D // d, K, d), mx.float32)

@@ -27,7 +27,8 @@ def method_notes(entry: dict) -> str:
 
 def fp16_bytes_per_token_per_layer(kvq: dict) -> int:
     """What an fp16 KV cache holds per token in one layer: keys and values, H × D × 2 bytes each."""
-    return 4 * kvq["model"]["num_kv_heads"] * kvq["model"]["head_dim"]
+    model = kvq["model"]
+    return 2 * model["num_kv_heads"] * (model["head_dim"] + model.get("value_head_dim", model["head_dim"]))
 
 
 def describe_weights(weights: Optional[dict]) -> str:

@@ -27,6 +27,25 @@ from . import attention
 PROBE_TOKENS = ((0, 1), (2,))  # a prefill of two tokens, then one decode step
 
 
+class UnsupportedArchitecture(ValueError):
+    """A model type velox cannot compress; the message names it and says why."""
+
+
+def model_type_of(model) -> str:
+    """The model's ``model_type`` (mlx_lm models keep it; else their module's name)."""
+    name = getattr(model, "model_type", None)
+    if not isinstance(name, str):
+        args = getattr(model, "args", None)
+        name = getattr(args, "model_type", None)
+    return name if isinstance(name, str) else type(model).__module__.rsplit(".", 1)[-1]
+
+
+def refuse(model, reason: str) -> UnsupportedArchitecture:
+    """The error for ``model``'s type and ``reason``."""
+    return UnsupportedArchitecture(f"velox cannot compress model type {model_type_of(model)!r}: {reason} "
+                                   "(docs/ARCHITECTURES.md lists what velox supports)")
+
+
 class ProbeCache(KVCache):
     """A plain KVCache that records how its layer's attention uses it."""
 
@@ -55,13 +74,17 @@ class CacheLayout:
 
     native: per layer, None where the cache is a plain KVCache (velox codes it), else the
     native cache's class name. attends_from_cache: per layer, True where the fast path may
-    serve it (see the module docstring). num_kv_heads / head_dim: of the coded layers.
+    serve it (see the module docstring). num_kv_heads / head_dim / value_head_dim: of the
+    coded layers (value_head_dim differs from head_dim in MLA's latent caches, whose
+    "keys" are the latent and "values" the rotated key part, and in models whose
+    queries/keys are wider than their values).
     """
 
     native: list[Optional[str]]
     attends_from_cache: list[bool]
     num_kv_heads: int
     head_dim: int
+    value_head_dim: int
 
     @property
     def coded(self) -> list[bool]:
@@ -86,29 +109,36 @@ def native_caches(model) -> list[Any]:
 def cache_layout(model) -> CacheLayout:
     """Probe ``model`` (lazily loaded is fine: shapes only, nothing is evaluated) -> CacheLayout.
 
-    Raises ValueError where no layer has a plain KVCache, or where coded layers hold keys and
-    values of different shapes (MLA's latent caches) or of different sizes across layers.
+    Raises UnsupportedArchitecture where no layer has a plain KVCache, where the caches are not
+    one per layer, or where coded layers differ in shape or hold keys and values of different
+    head counts.
     """
     caches = native_caches(model)
+    if len(caches) != len(model.layers):
+        # velox finds a coded layer's rope module at model.layers[i] for cache i
+        raise refuse(model, f"it makes {len(caches)} caches for its {len(model.layers)} layers (layers that share "
+                            "or skip a KV cache), and velox pairs cache i with layer i")
     native = [None if type(c) is KVCache else type(c).__name__ for c in caches]
     if all(n is not None for n in native):
-        raise ValueError(f"the model has no attention layer with a plain KVCache for velox to compress (its "
-                         f"layers use {', '.join(sorted(set(native)))})")
+        raise refuse(model, f"it has no attention layer with a plain KVCache for velox to code (its layers use "
+                            f"{', '.join(sorted(set(native)))})")
     probes = [ProbeCache() if n is None else c for n, c in zip(native, caches)]
     with attention.installed():
         for ids in PROBE_TOKENS:
             model(mx.array([ids]), cache=probes)
     coded = [p for p in probes if isinstance(p, ProbeCache)]
     if any(p.shapes is None for p in coded):
-        raise ValueError("a layer's plain KVCache received nothing in a forward pass: its layers do not "
-                         "use one cache each as velox expects")
+        raise refuse(model, "a layer's plain KVCache received nothing in a forward pass (its layers do not "
+                            "use one cache each)")
     shapes = {(p.shapes[0][1], p.shapes[0][3], p.shapes[1][1], p.shapes[1][3]) for p in coded}
-    h, dk, hv, dv = sorted(shapes)[0]
-    if (h, dk) != (hv, dv):
-        raise ValueError(f"its attention caches keys of {h}×{dk} and values of {hv}×{dv} (heads × dims; "
-                         "MLA-style latent caches): velox codes caches whose keys and values have one shape")
     if len(shapes) > 1:
-        raise ValueError(f"its attention layers cache different shapes ({len(shapes)} kinds of KV heads × "
-                         "head_dim): velox codes models whose coded layers share one shape")
-    fast = [isinstance(p, ProbeCache) and p.direct == p.updates for p in probes]
-    return CacheLayout(native=native, attends_from_cache=fast, num_kv_heads=int(h), head_dim=int(dk))
+        raise refuse(model, f"its attention layers cache {len(shapes)} different shapes (KV heads × head_dim), "
+                            "and velox codes models whose coded layers share one")
+    h, dk, hv, dv = shapes.pop()
+    if h != hv or not dk or not dv:
+        raise refuse(model, f"its attention caches keys of {h}×{dk} and values of {hv}×{dv} (heads × dims), and "
+                            "velox codes keys and values with as many heads, each of some dims")
+    # attention from the codes takes keys and values of one head_dim
+    fast = [isinstance(p, ProbeCache) and p.direct == p.updates and dk == dv for p in probes]
+    return CacheLayout(native=native, attends_from_cache=fast, num_kv_heads=int(h), head_dim=int(dk),
+                       value_head_dim=int(dv))

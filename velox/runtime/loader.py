@@ -15,10 +15,10 @@ from mlx_lm.utils import load as mlx_lm_load
 from ..cpu import float32_on_cpu
 from ..format import ARTIFACT_FILE, VeloxFormatError, check_artifacts, read_safetensors_header, validate_kv_quant
 from ..methods import METHODS, LayerSpec, get_method, outliers, ratequant
-from ..methods.rope import layer_rope
+from ..methods.rope import PreRopeCodec, layer_rope
 from . import attention
 from .cache import ExactCodec, VeloxKVCache
-from .layers import CacheLayout, cache_layout, native_caches
+from .layers import CacheLayout, cache_layout, native_caches, refuse
 
 # mlx_lm's load_prompt_cache (and CacheList) look cache classes up by name in their own
 # module: registered there, a velox prompt-cache file reads with plain mlx_lm too (caches
@@ -37,9 +37,14 @@ def resolve_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
     return Path(snapshot_download(str(path_or_repo), revision=revision, allow_patterns=patterns))
 
 
-# Architectures tests/test_architectures.py converts, loads and generates with (tiny random
-# instances), covering their RoPE variants and hybrid layers.
-TESTED_ARCHITECTURES = ("llama", "mistral", "qwen", "qwen2", "qwen3", "phi3", "gemma3_text", "qwen3_next", "gpt2")
+def supported_architectures() -> tuple[str, ...]:
+    """Model types velox converts and runs (supported, or with data-free methods only), as
+    scripts/architecture_sweep.py measured them (docs/ARCHITECTURES.md)."""
+    matrix = json.loads((Path(__file__).parent.parent / "data" / "architectures.json").read_text())
+    return tuple(r["model_type"] for r in matrix if r["status"] in ("supported", "data-free only"))
+
+
+TESTED_ARCHITECTURES = supported_architectures()
 
 
 def mlx_lm_model_types() -> list[str]:
@@ -61,7 +66,7 @@ def load_mlx_lm(path: str | Path, **kwargs) -> tuple[Any, ...]:
             raise
         raise ValueError(f"{e} velox runs on the architectures mlx_lm builds, compressing their attention layers "
                          f"that use a plain KVCache; this mlx_lm supports: {', '.join(mlx_lm_model_types())} "
-                         f"(tested with velox: {', '.join(TESTED_ARCHITECTURES)})") from None
+                         f"(docs/ARCHITECTURES.md lists the {len(TESTED_ARCHITECTURES)} velox supports)") from None
 
 
 def read_kv_quant(folder: Path) -> dict:
@@ -90,7 +95,8 @@ def layer_specs(kvq: dict, method: str, model) -> list[Optional[LayerSpec]]:
             continue
         uniform = not isinstance(entry["key_bits"], list)
         specs.append(LayerSpec(layer=entry["layer"], num_kv_heads=int(model_info["num_kv_heads"]),
-                               head_dim=int(model_info["head_dim"]), key_bits=entry["key_bits"] if uniform else 0,
+                               head_dim=int(model_info["head_dim"]), value_head_dim=model_info.get("value_head_dim"),
+                               key_bits=entry["key_bits"] if uniform else 0,
                                value_bits=entry["value_bits"] if uniform else 0, seed=seed,
                                rope=layer_rope(model, entry["layer"])))
     return specs
@@ -186,11 +192,15 @@ def check_kv_shapes(kvq: dict, method: str, layout: CacheLayout) -> None:
     codec is built, so absurd declared sizes never allocate, and a smaller head count cannot
     broadcast silently."""
     H, D = kvq["model"]["num_kv_heads"], kvq["model"]["head_dim"]
+    Dv = kvq["model"].get("value_head_dim", D)
     for entry in kvq["methods"][method]["layers"]:
-        if entry.get("cache") != "native" and layout.coded[entry["layer"]] and (layout.num_kv_heads,
-                                                                                   layout.head_dim) != (H, D):
-            raise VeloxFormatError(f"kv_quant: model gives num_kv_heads={H}, head_dim={D} but layer "
-                                   f"{entry['layer']} has {layout.num_kv_heads} KV heads of {layout.head_dim}")
+        if entry.get("cache") != "native" and layout.coded[entry["layer"]]:
+            if (layout.num_kv_heads, layout.head_dim) != (H, D):
+                raise VeloxFormatError(f"kv_quant: model gives num_kv_heads={H}, head_dim={D} but layer "
+                                       f"{entry['layer']} has {layout.num_kv_heads} KV heads of {layout.head_dim}")
+            if layout.value_head_dim != Dv:
+                raise VeloxFormatError(f"kv_quant: model gives value_head_dim={Dv} but layer {entry['layer']} "
+                                       f"has values of {layout.value_head_dim}")
 
 
 SELF_CHECK_PREFILL = (1, 2, 3, 4)  # token ids of the self-check: a 4-token prefill, then decode steps
@@ -223,8 +233,8 @@ def self_check(model, method: str, make_cache: Callable[[bool, bool], list], fas
     ref = self_check_logits(model, native_caches(model))
     err = rel(self_check_logits(model, make_cache(False, True)), ref)
     if not err <= SELF_CHECK_EXACT:
-        raise VeloxFormatError(f"{method}: velox's caches with exact codecs give logits {err:.2g} off the model's "
-                               "own caches: this architecture uses its KV cache in a way velox does not support")
+        raise refuse(model, f"velox's caches with exact codecs give logits {err:.2g} off the model's own caches "
+                            "(its layers use their KV cache, or rotate their keys, in a way velox's caches do not reproduce)")
     try:
         slow = self_check_logits(model, make_cache(False, False))
     except ValueError as e:
@@ -235,17 +245,26 @@ def self_check(model, method: str, make_cache: Callable[[bool, bool], list], fas
     if any(getattr(c, "fast", False) for c in caches):
         err, codes = rel(self_check_logits(model, caches), slow), rel(slow, ref)
         if not err <= max(SELF_CHECK_FAST, codes):
-            raise VeloxFormatError(f"{method}: attention from the codes gives logits {err:.2g} off the decoded "
-                                   f"cache's (the codes themselves: {codes:.2g} off exact); load with fast=False")
+            raise refuse(model, f"{method}'s attention from the codes gives logits {err:.2g} off its decoded cache's "
+                                f"(the codes themselves: {codes:.2g} off exact); load it with fast=False")
 
 
-def install_kv_caches(model, folder: Path, kvq: dict, method: Optional[str] = None, fast: bool = True) -> str:
-    """Replace ``model.make_cache`` so plain KVCache layers get VeloxKVCache. Returns the method.
+def exact_codec(key_codec: Any) -> Any:
+    """An exact codec in ``key_codec``'s frame: keys coded before RoPE go through the layer's
+    RoPE inverse and back, so the self-check tests that inverse on this model too."""
+    inner = key_codec.groups[0][1] if isinstance(key_codec, ratequant.HeadGroupCodec) else key_codec
+    return PreRopeCodec(ExactCodec(), inner.rope) if isinstance(inner, PreRopeCodec) else ExactCodec()
+
+
+def cache_factory(model, folder: Path, kvq: dict, method: Optional[str] = None,
+                  fast: bool = True) -> tuple[str, Callable[[], list]]:
+    """Check the folder's ``method`` against ``model`` and build its caches -> (method, a
+    factory of one fresh cache per layer: VeloxKVCache where velox codes the layer, the
+    model's own cache elsewhere).
 
     fast: caches whose codecs allow it attend from their codes (``velox.kernels``) in the
-    layers whose attention reaches velox's dispatcher (``CacheLayout.attends_from_cache``);
-    this installs the dispatcher that routes attention to them. The caches are checked on a
-    short prompt against the model's own before they are installed (``self_check``).
+    layers whose attention reaches velox's dispatcher (``CacheLayout.attends_from_cache``).
+    The caches are checked on a short prompt against the model's own (``self_check``).
     """
     method = method or kvq["default_method"]
     if method not in kvq["methods"]:
@@ -257,25 +276,30 @@ def install_kv_caches(model, folder: Path, kvq: dict, method: Optional[str] = No
     # Keep the model's own factory across repeated installs (another method, another folder).
     if not hasattr(model, "_velox_native_make_cache"):
         model._velox_native_make_cache = getattr(model, "make_cache", None)
-    try:
-        layout = cache_layout(model)
-    except ValueError as e:
-        raise VeloxFormatError(f"kv_quant: {e}") from None
+    layout = cache_layout(model)
     check_kv_shapes(kvq, method, layout)
     codecs = build_codecs(kvq, method, tensors, model)
     entry = kvq["methods"][method]
     fp16 = {"sink": int(entry.get("sink", 0)), "window": int(entry.get("window", 0))}
-    attention.install()
 
     def caches(fast: bool, exact: bool = False) -> list[Any]:
         native = native_caches(model)
-        return [VeloxKVCache(*((ExactCodec(), ExactCodec()) if exact else c), method=method,
+        return [VeloxKVCache(*((exact_codec(c[0]), ExactCodec()) if exact else c), method=method,
                              fast=fast and layout.attends_from_cache[i], **fp16)
                 if c is not None and layout.coded[i] else n
                 for i, (c, n) in enumerate(zip(codecs, native))]
 
-    self_check(model, method, caches, fast)
-    model.make_cache = lambda: caches(fast)
+    with attention.installed():
+        self_check(model, method, caches, fast)
+    return method, lambda: caches(fast)
+
+
+def install_kv_caches(model, folder: Path, kvq: dict, method: Optional[str] = None, fast: bool = True) -> str:
+    """Replace ``model.make_cache`` with ``cache_factory``'s and install the attention
+    dispatcher that routes attention to the fast caches. Returns the method."""
+    method, make_cache = cache_factory(model, folder, kvq, method, fast)
+    attention.install()
+    model.make_cache = make_cache
     return method
 
 
