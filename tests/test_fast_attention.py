@@ -197,12 +197,15 @@ def converted(tiny_llama, tmp_path_factory) -> dict:
                          "--kv", "turboquant_mse,turboquant_rvq,turboquant_prod,qjl"]) == 0
     assert convert_main([*calib, "--mlx-path", str(root / "ratequant"), "--kv", "turboquant_prod",
                          "--kv-bits", "2.5"]) == 0
-    return {"uniform": root / "uniform", "ratequant": root / "ratequant"}
+    # pre-RoPE keys whose basis commutes with RoPE, with an fp16 sink (coded positions start at 2)
+    assert convert_main([*calib, "--mlx-path", str(root / "pairs"), "--kv", "spectral", "--spectral-basis", "pairs",
+                         "--kv-sink", "2"]) == 0
+    return {"uniform": root / "uniform", "ratequant": root / "ratequant", "pairs": root / "pairs"}
 
 
 @pytest.mark.parametrize("folder,method", [("uniform", "turboquant_mse"), ("uniform", "turboquant_rvq"),
                                            ("uniform", "turboquant_prod"), ("uniform", "qjl"),
-                                           ("ratequant", "turboquant_prod")])
+                                           ("ratequant", "turboquant_prod"), ("pairs", "spectral")])
 def test_tiny_llama_generates_the_same_tokens_fast_or_not(converted, folder, method):
     prompt = mx.array([[1, 504, 2281, 314, 260, 1345, 282, 4649, 47, 378, 3086, 314]])
     runs = {}

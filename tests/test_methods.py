@@ -114,3 +114,27 @@ def test_unknown_method_lists_available():
     with pytest.raises(ValueError, match="available: commvq, polar, qjl, rabitq, spectral, turboquant_mse, turboquant_prod, turboquant_rvq, vecinfer"):
         get_method("nope")
     assert set(METHODS) >= {"spectral", "turboquant_mse"}
+
+
+def test_spectral_pair_basis_commutes_with_rope():
+    """basis="pairs": rotations within RoPE pairs only, so the basis commutes with RoPE at every
+    position (what lets attention move the query into it once); it still codes keys."""
+    rope = nn.RoPE(64, base=10000.0)
+    spec = LayerSpec(layer=0, num_kv_heads=2, head_dim=64, key_bits=4, value_bits=4, rope=rope)
+    x = anisotropic(1024)
+    rng = np.random.default_rng(0)
+    acts = LayerActivations(keys=x, keys_pre_rope=x, values=x, queries=rng.standard_normal((1024, 4, 64)).astype(np.float32),
+                            positions=np.tile(np.arange(512), 2))
+    tensors = spectral.calibrate(acts, spec, basis="pairs")
+    basis = tensors["keys.basis"]  # [H, D, D]
+    y = mx.random.normal((1, 2, 5, 64), key=mx.random.key(3))
+    turn = lambda v: mx.einsum("bhld,hed->bhle", v, basis)  # basisᵀ · v per head
+    for offset in (0, 17, 900):
+        assert mx.allclose(rope(turn(y), offset=offset), turn(rope(y, offset=offset)), atol=1e-5)
+    assert mx.allclose(mx.einsum("hde,hdf->hef", basis, basis), mx.broadcast_to(mx.eye(64), (2, 64, 64)), atol=1e-5)
+    kc, _ = spectral.make_codecs(tensors, spec)
+    k = rope(mx.array(x[:8]).transpose(1, 0, 2)[None])
+    rel = mx.linalg.norm(kc.decode(*kc.encode(k)) - k) / mx.linalg.norm(k)
+    assert rel.item() < 0.2
+    with pytest.raises(ValueError, match="basis must be one of"):
+        spectral.calibrate(acts, spec, basis="diagonal")

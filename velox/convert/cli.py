@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(data-free methods: turboquant_mse/prod/rvq, qjl; default 0)")
     p.add_argument("--rabitq-nlist", type=int, default=None,
                    help="rabitq: IVF centroids per KV head, 1..256 (default: 64)")
+    p.add_argument("--spectral-basis", choices=("full", "pairs"), default=None,
+                   help="spectral: the keys' eigenbasis over all dims (full, default), or rotations within RoPE "
+                        "pairs only (pairs: it commutes with RoPE, so attention reads the codes; see "
+                        "docs/BENCHMARKS.md for its quality)")
     p.add_argument("--calib-data", default=None,
                    help="calibration text: .txt, or .jsonl with a \"text\" field (default: shipped Python docs excerpt)")
     p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (default: 8192)")
@@ -74,6 +78,8 @@ def method_options(args) -> dict[str, dict]:
     opts: dict[str, dict] = {}
     if args.rabitq_nlist:
         opts["rabitq"] = {"nlist": args.rabitq_nlist}
+    if args.spectral_basis:
+        opts["spectral"] = {"basis": args.spectral_basis}
     if args.kv_outliers:
         for m in args.kv.split(","):
             opts.setdefault(m.strip(), {})["outliers"] = args.kv_outliers

@@ -3,8 +3,10 @@
 Attention reads a coded cache without decoding it, through two small tables of plain
 functions, one entry per codec type (each method module holds its codec's functions):
 
-- ``KEYS[type]``: ``query_basis(codec, q)`` moves the scaled query into the codec's basis
-  once (rotated for ScalarCodec/RVQCodec, sketched for QJLCodec, both for ProdCodec);
+- ``KEYS[type]``: ``query_basis(codec, q, offset)`` moves the scaled query into the codec's
+  basis once (rotated for ScalarCodec/RVQCodec, sketched for QJLCodec, both for ProdCodec;
+  for pre-RoPE keys whose basis commutes with RoPE, PreRopeCodec, rotated too, and each
+  block's levels get RoPE at their positions from ``offset`` on);
   ``scores(codec, q', parts, a, b)`` gives q · k̂ for coded tokens [a, b) from their codes
   (no fp16 keys, no per-token D×D rotation);
 - ``VALUES[type]``: ``values_sum(codec, p, parts, a, b)`` accumulates p @ v̂ in the codec's
@@ -26,9 +28,10 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import mlx.core as mx
 
-from ..methods import qjl, ratequant, scalar, turboquant_prod, turboquant_rvq
+from ..methods import qjl, ratequant, rope, scalar, turboquant_prod, turboquant_rvq
 from ..methods.qjl import QJLCodec
 from ..methods.ratequant import HeadGroupCodec
+from ..methods.rope import PreRopeCodec
 from ..methods.scalar import ScalarCodec
 from ..methods.turboquant_prod import ProdCodec
 from ..methods.turboquant_rvq import RVQCodec
@@ -93,11 +96,14 @@ class CompressedKV:
 
 
 class KeyOps(NamedTuple):
-    """query_basis(codec, q [B, Hkv, n, D] float32) -> q' (what scores takes), once per call;
-    scores(codec, q', parts, a, b) -> q · decode(parts)[:, :, a:b]ᵀ [B, Hkv, n, b − a] float32."""
+    """query_basis(codec, q [B, Hkv, n, D] float32, offset) -> q' (what scores takes), once per
+    call, offset: the position of coded token 0 (codes of pre-RoPE keys need it);
+    scores(codec, q', parts, a, b) -> q · decode(parts)[:, :, a:b]ᵀ [B, Hkv, n, b − a] float32;
+    accepts(codec): whether these functions take this codec (default: any of the type)."""
 
-    query_basis: Callable[[Any, mx.array], Any]
+    query_basis: Callable[[Any, mx.array, int], Any]
     scores: Callable[[Any, Any, tuple, int, int], mx.array]
+    accepts: Callable[[Any], bool] = lambda codec: True
 
 
 class ValueOps(NamedTuple):
@@ -110,9 +116,10 @@ class ValueOps(NamedTuple):
     output: Callable[[Any, mx.array, mx.array], mx.array]
 
 
-def query_basis(codec: Any, q: mx.array) -> Any:
-    """The key codec's KeyOps.query_basis: q [B, Hkv, n, D] -> its q'."""
-    return KEYS[type(codec)].query_basis(codec, q)
+def query_basis(codec: Any, q: mx.array, offset: int = 0) -> Any:
+    """The key codec's KeyOps.query_basis: q [B, Hkv, n, D] -> its q' (offset: the position
+    of coded token 0)."""
+    return KEYS[type(codec)].query_basis(codec, q, offset)
 
 
 def key_scores(codec: Any, q_basis: Any, parts: tuple, a: int, b: int) -> mx.array:
@@ -135,6 +142,7 @@ KEYS: dict[type, KeyOps] = {
     RVQCodec: KeyOps(turboquant_rvq.query_basis, turboquant_rvq.key_scores),
     QJLCodec: KeyOps(qjl.query_basis, qjl.key_scores),
     ProdCodec: KeyOps(turboquant_prod.query_basis, turboquant_prod.key_scores),
+    PreRopeCodec: KeyOps(rope.query_basis, rope.key_scores, rope.commutes_with_rope),
     HeadGroupCodec: KeyOps(partial(ratequant.query_basis, inner=query_basis),
                            partial(ratequant.key_scores, inner=key_scores)),
 }
@@ -151,7 +159,8 @@ def _covered(codec: Any, table: dict) -> bool:
     """Whether ``table`` has the codec's type (for a HeadGroupCodec: every group codec's)."""
     if isinstance(codec, HeadGroupCodec):
         return all(_covered(inner, table) for _, inner in codec.groups)
-    return type(codec) in table
+    ops = table.get(type(codec))
+    return ops is not None and getattr(ops, "accepts", lambda c: True)(codec)
 
 
 def supports(key_codec: Any, value_codec: Any) -> bool:
@@ -285,7 +294,7 @@ def attend(queries: mx.array, kv: CompressedKV, scale: float, mask: Mask = None,
         plain_segment(*kv.sink, 0)
 
     if kv.n_coded:
-        q_key = query_basis(kc, q)  # once per call, not per block
+        q_key = query_basis(kc, q, kv.n_sink)  # once per call, not per block
         if coded_partial is not None:
             m, l, acc = coded_partial(*q_key, kv)
             run.merge_coded(m.reshape(*shape5, 1), l.reshape(*shape5, 1), acc.reshape(*shape5, D))

@@ -54,7 +54,7 @@ class QJLCodec:
         return (signs @ self.sketch.T) * (norms.astype(mx.float32) * (math.sqrt(math.pi / 2) / m))[..., None]
 
 
-def query_basis(codec: QJLCodec, q: mx.array) -> mx.array:
+def query_basis(codec: QJLCodec, q: mx.array, offset: int = 0) -> mx.array:
     """q [B, H, n, D] float32 -> q·S · √(π/2)/m [B, H, n, m]: then q · k̂ = norm · ⟨it, sign(k·S)⟩,
     QJL's estimator scored from the sign bits (attention from the codes, velox.kernels.reference)."""
     m = codec.sketch.shape[1]

@@ -189,9 +189,9 @@ def make_mixed_codecs(module: ModuleType, tensors: dict[str, mx.array], spec: La
 # accumulator holds each head in its own group codec's basis.
 
 
-def query_basis(codec: HeadGroupCodec, q: mx.array, inner: Callable[[Any, mx.array], Any]) -> list:
-    """q [B, H, n, D] -> each group's query basis, ``inner(group codec, q of its heads)``."""
-    return [inner(c, q[:, idx]) for idx, (_, c) in zip(codec.head_index, codec.groups)]
+def query_basis(codec: HeadGroupCodec, q: mx.array, offset: int, inner: Callable[[Any, mx.array, int], Any]) -> list:
+    """q [B, H, n, D] -> each group's query basis, ``inner(group codec, q of its heads, offset)``."""
+    return [inner(c, q[:, idx], offset) for idx, (_, c) in zip(codec.head_index, codec.groups)]
 
 
 def key_scores(codec: HeadGroupCodec, q_basis: list, parts: tuple[mx.array, ...], a: int, b: int,

@@ -114,3 +114,58 @@ class PreRopeCodec:
     def decode(self, *parts: mx.array, offset: int = 0) -> mx.array:
         """Codes of positions offset.. -> post-RoPE keys [B, H, L, D]."""
         return self.rope.rope(self.inner.decode(*parts), offset)
+
+
+# ---------------------------------------------------------------- attention from the codes
+#
+# PreRopeCodec's functions for velox.kernels.reference, when its inner codec is a ScalarCodec
+# whose rotation R turns only within RoPE's pairs (spectral's basis="pairs"; any R for a layer
+# without RoPE). A key decodes as k̂_p = RoPE_p(norm · R·(levels ∘ scale) + mean) at position p,
+# and R commutes with RoPE_p, so
+#     q · k̂_p = norm · (q @ R) · RoPE_p(levels ∘ scale) + q · RoPE_p(mean):
+# the query is rotated once, and each key costs its lookups and a RoPE of D coordinates (no
+# D×D rotation per key, as the decoded history would).
+
+
+def commutes_with_rope(codec: PreRopeCodec) -> bool:
+    """Whether the fast path takes this key codec: a ScalarCodec inner codec whose rotation
+    is 2×2 rotations within the rope's pairs (or any, for a layer without RoPE)."""
+    from .scalar import ScalarCodec, per_codec
+
+    if type(codec.inner) is not ScalarCodec:
+        return False
+    return per_codec(codec, "commutes", lambda c: _pair_rotations(c.inner.rotation, c.rope))
+
+
+def _pair_rotations(rotation: mx.array, rope: RopeInverse) -> bool:
+    if rope.module is None:
+        return True
+    R = np.array(rotation.astype(mx.float32))  # [H, D, D]
+    a, b = rope.pairs.T
+    inside = np.zeros(R.shape[1:], bool)
+    inside[a, a] = inside[b, b] = inside[a, b] = inside[b, a] = True
+    return bool(np.abs(R[:, ~inside]).max(initial=0) < 1e-6 and np.allclose(R[:, a, a], R[:, b, b], atol=1e-6)
+                and np.allclose(R[:, a, b], -R[:, b, a], atol=1e-6))
+
+
+def query_basis(codec: PreRopeCodec, q: mx.array, offset: int) -> tuple:
+    """q [B, H, n, D] float32 -> (q @ R [B, H, n, D], q, offset): what ``key_scores`` takes."""
+    return q @ codec.inner.rotation.astype(mx.float32), q, offset
+
+
+def key_scores(codec: PreRopeCodec, q_basis: tuple, parts: tuple[mx.array, mx.array], a: int, b: int) -> mx.array:
+    """q · k̂ for the coded tokens [a, b) of parts (words, norms), at positions offset + a ..
+    -> [B, H, n, b − a] float32."""
+    from .scalar import code_levels
+
+    q_rot, q, offset = q_basis
+    inner = codec.inner
+    words, norms = parts
+    y = code_levels(words[:, :, a:b], inner) * inner.scale[:, None, :]
+    s = (q_rot @ codec.rope.rope(y, offset + a).swapaxes(-1, -2)) * norms[:, :, None, a:b].astype(mx.float32)
+    if inner.mean is None:
+        return s
+    H, D = inner.mean.shape
+    mean = codec.rope.rope(mx.broadcast_to(inner.mean.astype(mx.float32)[None, :, None, :], (1, H, b - a, D)),
+                           offset + a)
+    return s + q @ mean.swapaxes(-1, -2)

@@ -374,8 +374,9 @@ def code_levels(words: mx.array, codec: ScalarCodec) -> mx.array:
     return mx.take(codec.flat_levels, codec.flat_base + unpack(words, codec.layout)).astype(mx.float32)
 
 
-def query_basis(codec: ScalarCodec, q: mx.array) -> tuple[mx.array, Optional[mx.array]]:
-    """q [B, H, n, D] float32 -> (q_rot = (q @ R) · scale [B, H, n, D], q · mean [B, H, n, 1] or None)."""
+def query_basis(codec: ScalarCodec, q: mx.array, offset: int = 0) -> tuple[mx.array, Optional[mx.array]]:
+    """q [B, H, n, D] float32 -> (q_rot = (q @ R) · scale [B, H, n, D], q · mean [B, H, n, 1] or None).
+    offset (the first coded token's position) is unused: this codec is position-free."""
     q_rot = (q @ codec.rotation.astype(mx.float32)) * codec.scale[None, :, None, :]
     q_mean = None if codec.mean is None else q @ codec.mean[:, :, None].astype(mx.float32)
     return q_rot, q_mean

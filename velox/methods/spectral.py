@@ -53,12 +53,29 @@ def allocate_bits(variances: np.ndarray, total_bits: int, max_bits: int = MAX_BI
     return bits
 
 
+def pair_eigenbasis(cov: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues [D] and a basis [D, D] that rotates only within each RoPE pair: column a and b
+    of pair (a, b) are the eigenvectors of cov's 2×2 block, made a rotation (det +1). Such a
+    basis commutes with RoPE, so attention can rotate the query into it once per step."""
+    D = cov.shape[0]
+    eigval, basis = np.zeros(D), np.zeros((D, D))
+    for a, b in pairs:
+        idx = np.ix_([a, b], [a, b])
+        val, vec = np.linalg.eigh(cov[idx])
+        if np.linalg.det(vec) < 0:
+            vec[:, 1] = -vec[:, 1]
+        eigval[[a, b]], basis[idx] = val, vec
+    return eigval, basis
+
+
 def fit_head(x: np.ndarray, bits: int, weights: np.ndarray | None = None,
-             seed: int = 0) -> dict[str, np.ndarray]:
+             seed: int = 0, pairs: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Calibrate one head.
 
-    x [N, D]; weights [N] (importance of each token, default uniform) ->
-    mean [D], basis [D, D] orthogonal, scale [D], bits [D] int, levels [D, 2**max(bits)].
+    x [N, D]; weights [N] (importance of each token, default uniform); pairs [D/2, 2]: the
+    RoPE pairs, to restrict the basis to rotations within them (``pair_eigenbasis``), else
+    the full eigenbasis -> mean [D], basis [D, D] orthogonal, scale [D], bits [D] int,
+    levels [D, 2**max(bits)].
     """
     x = x.astype(np.float64)
     N, D = x.shape
@@ -67,9 +84,14 @@ def fit_head(x: np.ndarray, bits: int, weights: np.ndarray | None = None,
     mean = w @ x
     c = x - mean
     u = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-20)
-    eigval, eigvec = np.linalg.eigh((u * w[:, None]).T @ u)
-    order = np.argsort(eigval)[::-1]
-    eigval, basis = np.maximum(eigval[order], 1e-12), eigvec[:, order]
+    cov = (u * w[:, None]).T @ u
+    if pairs is None:
+        eigval, eigvec = np.linalg.eigh(cov)
+        order = np.argsort(eigval)[::-1]
+        eigval, basis = np.maximum(eigval[order], 1e-12), eigvec[:, order]
+    else:  # directions stay at their dims: the basis keeps RoPE's pair structure
+        eigval, basis = pair_eigenbasis(cov, pairs)
+        eigval = np.maximum(eigval, 1e-12)
     alloc = allocate_bits(eigval, bits * D, max_bits=min(MAX_BITS, 2 * bits))
     scale = np.sqrt(eigval)
     z = (u @ basis) / scale
@@ -88,9 +110,11 @@ def fit_head(x: np.ndarray, bits: int, weights: np.ndarray | None = None,
     return {"mean": mean, "basis": basis, "scale": scale, "bits": alloc, "levels": levels}
 
 
-def fit(x: np.ndarray, bits: int, weights: np.ndarray | None = None, seed: int = 0) -> dict[str, mx.array]:
-    """x [N, H, D], weights [N, H] or None -> tensors stacked over heads (levels padded)."""
-    heads = [fit_head(x[:, h], bits, None if weights is None else weights[:, h], seed + h)
+def fit(x: np.ndarray, bits: int, weights: np.ndarray | None = None, seed: int = 0,
+        pairs: np.ndarray | None = None) -> dict[str, mx.array]:
+    """x [N, H, D], weights [N, H] or None, pairs as ``fit_head``'s -> tensors stacked over
+    heads (levels padded)."""
+    heads = [fit_head(x[:, h], bits, None if weights is None else weights[:, h], seed + h, pairs)
              for h in range(x.shape[1])]
     K = max(h["levels"].shape[1] for h in heads)
     for h in heads:
@@ -100,10 +124,17 @@ def fit(x: np.ndarray, bits: int, weights: np.ndarray | None = None, seed: int =
             for part in PARTS}
 
 
-def calibrate(acts: LayerActivations, spec: LayerSpec) -> dict[str, mx.array]:
-    """Tensors ``keys.<part>`` for one layer (values need none)."""
+BASES = ("full", "pairs")
+
+
+def calibrate(acts: LayerActivations, spec: LayerSpec, basis: str = "full") -> dict[str, mx.array]:
+    """Tensors ``keys.<part>`` for one layer (values need none). basis: "full" (the eigenbasis
+    of all D dims) or "pairs" (rotations within RoPE pairs only, ``pair_eigenbasis``)."""
+    if basis not in BASES:
+        raise ValueError(f"spectral: basis must be one of {', '.join(BASES)}, got {basis!r}")
     weights = attention_mass(acts) ** WEIGHT_POWER
-    tensors = fit(acts.keys_pre_rope, spec.key_bits, weights, seed=spec.seed)
+    pairs = spec_rope(spec).pairs if basis == "pairs" else None
+    tensors = fit(acts.keys_pre_rope, spec.key_bits, weights, seed=spec.seed, pairs=pairs)
     return {f"keys.{part}": arr for part, arr in tensors.items()}
 
 

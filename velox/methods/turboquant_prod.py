@@ -44,10 +44,10 @@ class ProdCodec:
         return self.mse.decode(words, norms) + self.qjl.decode(r_words, r_norms)
 
 
-def query_basis(codec: ProdCodec, q: mx.array) -> tuple[Any, mx.array]:
+def query_basis(codec: ProdCodec, q: mx.array, offset: int = 0) -> tuple[Any, mx.array]:
     """q [B, H, n, D] float32 -> (its basis for the MSE codes, for the residual's sketch): q · k̂ is
     the MSE part's score plus the QJL estimator term (attention from the codes, velox.kernels.reference)."""
-    return scalar.query_basis(codec.mse, q), qjl.query_basis(codec.qjl, q)
+    return scalar.query_basis(codec.mse, q, offset), qjl.query_basis(codec.qjl, q, offset)
 
 
 def key_scores(codec: ProdCodec, q_basis: tuple[Any, mx.array], parts: tuple[mx.array, ...],

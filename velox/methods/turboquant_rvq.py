@@ -124,7 +124,7 @@ def make_codecs(tensors: dict[str, mx.array], spec: LayerSpec) -> tuple[RVQCodec
 # summed in the rotated basis and un-rotated once.
 
 
-def query_basis(codec: RVQCodec, q: mx.array) -> mx.array:
+def query_basis(codec: RVQCodec, q: mx.array, offset: int = 0) -> mx.array:
     """q [B, H, n, D] float32 -> (q @ R)/√D [B, H, n, D]."""
     return (q @ codec.rotation) * codec.rotation.shape[0] ** -0.5
 

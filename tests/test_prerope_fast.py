@@ -1,0 +1,86 @@
+"""Attention from the codes of pre-RoPE keys (spectral with basis="pairs") against the decoded
+history: sinks, window, GQA ratios, head dims, RoPE variants, RateQuant widths."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.rope_utils import initialize_rope
+
+from velox import kernels
+from velox.methods import ratequant, spectral
+from velox.methods.base import LayerActivations, LayerSpec
+from velox.runtime.cache import VeloxKVCache
+
+ROPES = {
+    "default": dict(base=10000.0, traditional=False, scaling_config=None),
+    "traditional": dict(base=10000.0, traditional=True, scaling_config=None),
+    "llama3": dict(base=500000.0, traditional=False, scaling_config={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}),
+    "yarn": dict(base=10000.0, traditional=False, scaling_config={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+}
+
+
+def calibrated(hkv: int, d: int, rope_kind: str, bits, basis: str = "pairs", partial: float = 1.0):
+    """spectral (key codec, value codec) calibrated on random anisotropic keys; bits an int, or
+    per-head key widths (RateQuant, values 4 bits)."""
+    cfg = ROPES[rope_kind]
+    rope = initialize_rope(int(d * partial), cfg["base"], cfg["traditional"], cfg["scaling_config"], 4096)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((512, hkv, d)) * np.linspace(3, 0.2, d)).astype(np.float32)
+    acts = LayerActivations(keys=x, keys_pre_rope=x, values=x, positions=np.tile(np.arange(256), 2),
+                            queries=rng.standard_normal((512, hkv * 2, d)).astype(np.float32))
+    if isinstance(bits, int):
+        spec = LayerSpec(0, hkv, d, bits, 4, rope=rope)
+        return spectral.make_codecs(spectral.calibrate(acts, spec, basis=basis), spec)
+    spec = LayerSpec(0, hkv, d, 0, 0, rope=rope)
+    tensors = {}
+    for b in sorted(set(bits) | {4}):
+        wspec = ratequant.width_spec(spectral, spec, b)
+        tensors.update({f"bits{b}.{k}": v for k, v in spectral.calibrate(acts, wspec, basis=basis).items()})
+    return ratequant.make_mixed_codecs(spectral, tensors, spec, bits, [4] * hkv)
+
+
+def check(codecs, hq: int, hkv: int, d: int, sink: int = 0, window: int = 0, with_sinks: bool = False):
+    """Chunked prefill (causal, array masks) and decode steps: the fast cache's attention equals
+    SDPA over the history the decode path gives (same codes)."""
+    fast = VeloxKVCache(*codecs, sink=sink, window=window, fast=True)
+    plain = VeloxKVCache(*codecs, sink=sink, window=window)
+    assert fast.fast
+    sinks = mx.random.normal((hq,), key=mx.random.key(99)) if with_sinks else None
+    key = iter(range(1000))
+    for a, b, mask_kind in [(0, 29, "causal"), (29, 70, "array"), (70, 71, None), (71, 72, None), (72, 75, "causal")]:
+        L = b - a
+        q, k, v = (mx.random.normal((1, h, L, d), key=mx.random.key(next(key))) for h in (hq, hkv, hkv))
+        mask = fast.make_mask(L, return_array=True, window_size=None) if mask_kind == "array" else mask_kind
+        k = k * 2.0
+        assert fast.update_and_fetch(k, v)[0] is k and fast.codes_only  # nothing decoded
+        ks, vs = plain.update_and_fetch(k, v)
+        ref = mx.fast.scaled_dot_product_attention(q, ks, vs, scale=d**-0.5, mask=mask, sinks=sinks)
+        got = fast.attend(q, k, v, scale=d**-0.5, mask=mask, sinks=sinks)
+        err = (mx.max(mx.abs(got - ref)) / mx.max(mx.abs(ref))).item()
+        assert err < 5e-5, err
+
+
+@pytest.mark.parametrize("rope_kind", sorted(ROPES))
+@pytest.mark.parametrize("sink,window", [(0, 0), (3, 8)])
+def test_pair_basis_attends_from_codes(rope_kind, sink, window, dispatcher):
+    check(calibrated(2, 64, rope_kind, 4), 6, 2, 64, sink, window, with_sinks=sink > 0)
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(2, 2, 64), (8, 2, 128), (8, 1, 256), (16, 2, 64)])
+def test_gqa_ratios_and_head_dims(hq, hkv, d, dispatcher):
+    check(calibrated(hkv, d, "default", 3), hq, hkv, d)
+
+
+def test_partial_rotary_and_ratequant_widths(dispatcher):
+    check(calibrated(3, 64, "default", 4, partial=0.5), 9, 3, 64, sink=2)
+    check(calibrated(3, 64, "yarn", [2, 4, 3]), 9, 3, 64, window=4)
+
+
+def test_dense_basis_stays_on_the_decode_path():
+    """spectral's full eigenbasis mixes RoPE pairs: no fast path (it would be D² per key)."""
+    keys, values = calibrated(2, 64, "default", 4, basis="full")
+    assert not kernels.supports(keys, values)
+    assert kernels.supports(*calibrated(2, 64, "default", 4, basis="pairs"))
