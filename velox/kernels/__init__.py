@@ -6,7 +6,8 @@ shapes, and otherwise runs the pure-mx reference (``reference.attend``). The GPU
 ``metal`` with ``mx.fast.metal_kernel``. MLX's CPU backend runs no custom kernels: there
 ``cpu`` computes the coded tokens' partial with a C function compiled on first use
 (``cpu_decode.c``) and the reference does the rest. All take ScalarCodec (turboquant_mse) keys
-and values only; every other codec runs the reference.
+and values; the CPU's also pre-RoPE keys whose basis turns within RoPE pairs (spectral's
+``basis="pairs"``); every other codec runs the reference.
 On a GPU the decode launch also encodes the step's new key and value into the cache's code
 buffers (``CompressedKV.new``); ``append`` does that alone, in one launch ordered before the
 next decode launch, for a cache read some other way first.
@@ -51,7 +52,8 @@ def _kernel_backend(key_codec, value_codec) -> Optional[str]:
 
 def _fused_for(queries: mx.array, kv: CompressedKV, mask: Mask):
     """The backend's fused-kernel module when it takes this call, else None."""
-    name = _kernel_backend(kv.key_codec, kv.value_codec)
+    # the CPU's C kernel also takes pre-RoPE keys (cpu.supports checks the codecs itself)
+    name = "cpu" if backend() == "cpu" else _kernel_backend(kv.key_codec, kv.value_codec)
     if name is not None and _fused_module(name).supports(queries, kv, mask):
         return _fused_module(name)
     return None

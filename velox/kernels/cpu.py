@@ -20,12 +20,13 @@ import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import mlx.core as mx
 import numpy as np
 
-from ..methods.scalar import ScalarCodec
+from ..methods.rope import PreRopeCodec, commutes_with_rope, cos_sin_table
+from ..methods.scalar import ScalarCodec, per_codec
 from . import reference
 from .fused import tables
 from .reference import CompressedKV
@@ -81,44 +82,94 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     lib.velox_cpu_partial.restype = None
     lib.velox_cpu_partial.argtypes = [ctypes.c_int] * 8 + [ctypes.c_void_p] * 12
+    lib.velox_cpu_partial_rope.restype = None
+    lib.velox_cpu_partial_rope.argtypes = [ctypes.c_int] * 10 + [ctypes.c_void_p] * 15
     return lib
 
 
 def supports(queries: mx.array, kv: CompressedKV, mask) -> bool:
-    """Decode (L = 1, no mask) over ScalarCodec keys and values of one width each dividing 32
-    (uint32 words, fp16 norms), head_dim ≤ 256, with the C library built."""
+    """Decode (L = 1, no mask), head_dim ≤ 256, with the C library built, over ScalarCodec values
+    of one width dividing 32 (uint32 words, fp16 norms) and keys that are either such a
+    ScalarCodec, or pre-RoPE keys in a basis that turns within RoPE pairs (``rope_tables``)."""
     B, Hq, L, D = queries.shape
-    codecs = (kv.key_codec, kv.value_codec)
+    kc, vc = kv.key_codec, kv.value_codec
     if not (L == 1 and mask is None and kv.n_coded > 0 and D <= MAX_D):
         return False
-    return (all(type(c) is ScalarCodec and tables(c).bits for c in codecs)
+    if type(kc) is PreRopeCodec:
+        keys_ok = commutes_with_rope(kc) and kc.inner.levels.shape[-1] <= 256
+        heads = kc.inner.levels.shape[0]
+    else:
+        keys_ok = type(kc) is ScalarCodec and tables(kc).bits > 0
+        heads = kc.levels.shape[0] if type(kc) is ScalarCodec else 0
+    return (keys_ok and type(vc) is ScalarCodec and tables(vc).bits > 0
             and [p.dtype for p in kv.keys + kv.values] == [mx.uint32, mx.float16] * 2
-            and Hq % kv.key_codec.levels.shape[0] == 0 and library() is not None)
+            and heads and Hq % heads == 0 and library() is not None)
+
+
+class RopeTables(NamedTuple):
+    """What ``velox_cpu_partial_rope`` reads of a pre-RoPE key codec (built once per codec)."""
+
+    levels: np.ndarray   # [H, D, K] float32: the inner codec's levels times its scale
+    layout: np.ndarray   # [H, D, 3] int32: word, shift and width of each code
+    mean: np.ndarray     # [H, D] float32: the mean in the codec's basis (mean @ R), zeros without one
+    pairs: np.ndarray    # [D/2, 2] int32: the rope's pairs
+
+
+def rope_tables(codec: PreRopeCodec) -> RopeTables:
+    return per_codec(codec, "cpu_rope", _build_rope_tables)
+
+
+def _build_rope_tables(codec: PreRopeCodec) -> RopeTables:
+    inner = codec.inner
+    layout = np.stack([np.array(a).astype(np.int32) for a in (inner.layout.word, inner.layout.shift)]
+                      + [inner.bits.astype(np.int32)], axis=-1)
+    mean = np.zeros(inner.scale.shape, np.float32) if inner.mean is None else np.array(
+        (inner.mean[:, None, :] @ inner.rotation)[:, 0].astype(mx.float32))
+    return RopeTables(levels=np.ascontiguousarray(np.array((inner.levels * inner.scale[..., None]).astype(mx.float32))),
+                      layout=np.ascontiguousarray(layout), mean=np.ascontiguousarray(mean),
+                      pairs=np.ascontiguousarray(codec.rope.pairs.astype(np.int32)))
 
 
 def _pointer(a: np.ndarray) -> int:
     return a.ctypes.data
 
 
-def coded_partial(q_rot: mx.array, q_mean: Optional[mx.array], kv: CompressedKV):
-    """The coded tokens' partial for ``reference.attend``: q_rot [B, Hkv, R, D] (one query token,
-    in the key basis), q_mean [B, Hkv, R, 1] or None -> (m, l [B, Hkv, R, 1], acc [B, Hkv, R, D])."""
+def coded_partial(q_key: tuple, kv: CompressedKV):
+    """The coded tokens' partial for ``reference.attend``: the key codec's query basis (one query
+    token: ScalarCodec's (q_rot, q_mean), PreRopeCodec's (q @ R, q, offset), q_rot [B, Hkv, R, D])
+    -> (m, l [B, Hkv, R, 1], acc [B, Hkv, R, D])."""
     (kw, kn), (vw, vn) = kv.keys, kv.values
-    kt, vt = tables(kv.key_codec), tables(kv.value_codec)
+    vt = tables(kv.value_codec)
+    q_rot = q_key[0].astype(mx.float32)
     B, H, R, D = q_rot.shape
     N, n = kn.shape[2], kv.n_coded
-    q_rot = q_rot.astype(mx.float32)
-    inputs = [q_rot, kw, kn, vw, vn, kt.levels, vt.levels] + ([] if q_mean is None else [q_mean.astype(mx.float32)])
+    rope = type(kv.key_codec) is PreRopeCodec
+    if rope:
+        offset = q_key[2]
+        cs = cos_sin_table(kv.key_codec.rope, offset + n)
+        inputs = [q_rot, kw, kn, vw, vn, vt.levels, cs]
+    else:
+        q_mean = q_key[1]
+        kt = tables(kv.key_codec)
+        inputs = [q_rot, kw, kn, vw, vn, vt.levels, kt.levels] + ([] if q_mean is None else [q_mean.astype(mx.float32)])
     mx.eval(inputs)
     # the arrays' own memory (row-contiguous, evaluated): no copies
-    q_np, kw_np, kn_np, vw_np, vn_np, kl_np, vl_np = (np.ascontiguousarray(a) for a in inputs[:7])
-    qm_np = None if q_mean is None else np.ascontiguousarray(inputs[7])
+    q_np, kw_np, kn_np, vw_np, vn_np, vl_np, extra = (np.ascontiguousarray(a) for a in inputs[:7])
     work = np.empty((B, H, R * n + R * D * TILE), np.float32)
     m, l, acc = np.empty((B, H, R, 1), np.float32), np.empty((B, H, R, 1), np.float32), np.empty((B, H, R, D), np.float32)
-    library().velox_cpu_partial(
-        B, H, R, D, N, n, kt.bits, vt.bits, _pointer(q_np), None if qm_np is None else _pointer(qm_np),
-        _pointer(kw_np), _pointer(kn_np.view(np.uint16)), _pointer(vw_np), _pointer(vn_np.view(np.uint16)),
-        _pointer(kl_np), _pointer(vl_np), _pointer(work), _pointer(m), _pointer(l), _pointer(acc))
+    out = [_pointer(work), _pointer(m), _pointer(l), _pointer(acc)]
+    kn_p, vn_p = _pointer(kn_np.view(np.uint16)), _pointer(vn_np.view(np.uint16))
+    if rope:
+        rt = rope_tables(kv.key_codec)
+        library().velox_cpu_partial_rope(
+            B, H, R, D, N, n, rt.levels.shape[-1], kw_np.shape[-1], vt.bits, offset, _pointer(q_np), _pointer(kw_np),
+            kn_p, _pointer(vw_np), vn_p, _pointer(rt.levels), _pointer(rt.layout), _pointer(rt.mean), _pointer(extra),
+            _pointer(rt.pairs), _pointer(vl_np), *out)
+    else:
+        qm_np = None if len(inputs) == 7 else np.ascontiguousarray(inputs[7])
+        library().velox_cpu_partial(
+            B, H, R, D, N, n, kt.bits, vt.bits, _pointer(q_np), None if qm_np is None else _pointer(qm_np),
+            _pointer(kw_np), kn_p, _pointer(vw_np), vn_p, _pointer(extra), _pointer(vl_np), *out)
     return mx.array(m), mx.array(l), mx.array(acc)
 
 

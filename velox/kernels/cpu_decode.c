@@ -199,6 +199,39 @@ static inline float exp_shift_sum(float* s, int n, float m) {
     return l;
 }
 
+/* The softmax statistics of one (batch, KV head) pair's scores s [R, n] (s becomes exp(s − m))
+ * and its value sums: acc [R, D] = Σ_t exp(s_t − m) · norm_t · levels[code_t]; lanes: [R, D, TT] scratch. */
+static void softmax_and_values(int R, int D, int N, int n, int vb, size_t bh, float* s, float* lanes,
+                               const uint32_t* vw, const uint16_t* vn, const float* vl,
+                               float* m_out, float* l_out, float* a) {
+    const int wv = D * vb / 32;
+    uint32_t wt[MAX_D * TT / 4];
+    float x[MAX_D * TT], y[TT], norm[TT];
+    for (int r = 0; r < R; r++) {
+        float* sr = s + (size_t)r * n;
+        float m = -INFINITY, l;
+        for (int t = 0; t < n; t++) m = sr[t] > m ? sr[t] : m;
+        l = exp_shift_sum(sr, n, m);
+        m_out[bh * R + r] = m;
+        l_out[bh * R + r] = l;
+    }
+    for (int i = 0; i < R * D * TT; i++) lanes[i] = 0.f;
+    for (int t0 = 0; t0 < n; t0 += TT) {  /* per-lane sums, reduced once at the end */
+        const int tn = n - t0 < TT ? n - t0 : TT;
+        tile_levels_any(vw + (bh * N + t0) * wv, wv, tn, vl, D, vb, wt, x);
+        for (int t = 0; t < TT; t++) norm[t] = t < tn ? half_to_float(vn[bh * N + t0 + t]) : 0.f;
+        for (int r = 0; r < R; r++) {
+            for (int t = 0; t < TT; t++) y[t] = t < tn ? s[(size_t)r * n + t0 + t] * norm[t] : 0.f;
+            tile_axpy(y, x, D, lanes + (size_t)r * D * TT);
+        }
+    }
+    for (int i = 0; i < R * D; i++) {
+        float sum = 0.f;
+        for (int t = 0; t < TT; t++) sum += lanes[(size_t)i * TT + t];
+        a[i] = sum;
+    }
+}
+
 /* One (batch, KV head) pair per iteration of the outer loop.
  *   q      [B, H, R, D]  queries in the key basis ((q @ R_k) · s_k, softmax scale included)
  *   qm     [B, H, R]     q · mean_k, or NULL
@@ -212,16 +245,13 @@ void velox_cpu_partial(int B, int H, int R, int D, int N, int n, int kb, int vb,
                        const float* q, const float* qm, const uint32_t* kw, const uint16_t* kn,
                        const uint32_t* vw, const uint16_t* vn, const float* klev, const float* vlev,
                        float* work, float* m_out, float* l_out, float* acc) {
-    const int wk = D * kb / 32, wv = D * vb / 32;
+    const int wk = D * kb / 32;
 #pragma omp parallel for schedule(static)
     for (int bh = 0; bh < B * H; bh++) {
         const int h = bh % H;
         const float* qh = q + (size_t)bh * R * D;
         const float* kl = klev + (size_t)h * D * (1 << kb);
-        const float* vl = vlev + (size_t)h * D * (1 << vb);
         float* s = work + (size_t)bh * ((size_t)R * n + (size_t)R * D * TT);
-        float* lanes = s + (size_t)R * n;  /* [R, D, TT] */
-        float* a = acc + (size_t)bh * R * D;
         uint32_t wt[MAX_D * TT / 4];
         float x[MAX_D * TT], y[TT], norm[TT];
         for (int t0 = 0; t0 < n; t0 += TT) {  /* scores */
@@ -229,34 +259,68 @@ void velox_cpu_partial(int B, int H, int R, int D, int N, int n, int kb, int vb,
             tile_levels_any(kw + ((size_t)bh * N + t0) * wk, wk, tn, kl, D, kb, wt, x);
             for (int t = 0; t < TT; t++) norm[t] = t < tn ? half_to_float(kn[(size_t)bh * N + t0 + t]) : 0.f;
             for (int r = 0; r < R; r++) {
-                const float* qr = qh + (size_t)r * D;
-                tile_dot(qr, x, D, y);
+                tile_dot(qh + (size_t)r * D, x, D, y);
                 const float mean = qm ? qm[(size_t)bh * R + r] : 0.f;
                 for (int t = 0; t < tn; t++) s[(size_t)r * n + t0 + t] = y[t] * norm[t] + mean;
             }
         }
-        for (int r = 0; r < R; r++) {  /* softmax statistics; s becomes exp(s − m) */
-            float* sr = s + (size_t)r * n;
-            float m = -INFINITY, l;
-            for (int t = 0; t < n; t++) m = sr[t] > m ? sr[t] : m;
-            l = exp_shift_sum(sr, n, m);
-            m_out[(size_t)bh * R + r] = m;
-            l_out[(size_t)bh * R + r] = l;
-        }
-        for (int i = 0; i < R * D * TT; i++) lanes[i] = 0.f;
-        for (int t0 = 0; t0 < n; t0 += TT) {  /* values: per-lane sums, reduced once at the end */
+        softmax_and_values(R, D, N, n, vb, (size_t)bh, s, s + (size_t)R * n, vw, vn,
+                           vlev + (size_t)h * D * (1 << vb), m_out, l_out, acc + (size_t)bh * R * D);
+    }
+}
+
+/* Pre-RoPE keys coded in a basis that turns only within RoPE's pairs (velox.methods.rope), so
+ * the query is rotated into it once: per tile, x[d][t] = levels[d][code] · norm_t + mean[d]
+ * (levels times the codec's scale, mean in its basis; codes of any widths ≤ 8 at the layout's
+ * word and shift, possibly straddling two words), then each pair (a, b) is turned by RoPE at the
+ * token's position: rope_cs[p][a] = m·cos, rope_cs[p][b] = m·sin, read off the rope module.
+ *   klev [H, D, K]; klayout [H, D, 3] (word, shift, bits); kmean [H, D]; pairs [D/2, 2];
+ *   rope_cs [≥ offset + n, D]; offset: position of coded token 0; wk: words per key.
+ * Other arguments and the outputs as velox_cpu_partial's. */
+void velox_cpu_partial_rope(int B, int H, int R, int D, int N, int n, int K, int wk, int vb, int offset,
+                            const float* q, const uint32_t* kw, const uint16_t* kn, const uint32_t* vw,
+                            const uint16_t* vn, const float* klev, const int32_t* klayout, const float* kmean,
+                            const float* rope_cs, const int32_t* pairs, const float* vlev,
+                            float* work, float* m_out, float* l_out, float* acc) {
+#pragma omp parallel for schedule(static)
+    for (int bh = 0; bh < B * H; bh++) {
+        const int h = bh % H;
+        const float* qh = q + (size_t)bh * R * D;
+        const float* kl = klev + (size_t)h * D * K;
+        const int32_t* lay = klayout + (size_t)h * D * 3;
+        const float* mean = kmean + (size_t)h * D;
+        float* s = work + (size_t)bh * ((size_t)R * n + (size_t)R * D * TT);
+        float x[MAX_D * TT], y[TT], norm[TT];
+        for (int t0 = 0; t0 < n; t0 += TT) {
             const int tn = n - t0 < TT ? n - t0 : TT;
-            tile_levels_any(vw + ((size_t)bh * N + t0) * wv, wv, tn, vl, D, vb, wt, x);
-            for (int t = 0; t < TT; t++) norm[t] = t < tn ? half_to_float(vn[(size_t)bh * N + t0 + t]) : 0.f;
+            const uint32_t* words = kw + ((size_t)bh * N + t0) * wk;
+            for (int t = 0; t < TT; t++) norm[t] = t < tn ? half_to_float(kn[(size_t)bh * N + t0 + t]) : 0.f;
+            for (int d = 0; d < D; d++) {
+                const int w = lay[3 * d], shift = lay[3 * d + 1], bits = lay[3 * d + 2];
+                const uint32_t mask = (1u << bits) - 1u;
+                const float* lv = kl + (size_t)d * K;
+                for (int t = 0; t < TT; t++) {
+                    if (t >= tn) { x[d * TT + t] = 0.f; continue; }
+                    uint32_t code = words[(size_t)t * wk + w] >> shift;
+                    if (shift + bits > 32) code |= words[(size_t)t * wk + w + 1] << (32 - shift);
+                    x[d * TT + t] = lv[code & mask] * norm[t] + mean[d];
+                }
+            }
+            for (int j = 0; j < D / 2; j++) {
+                const int a = pairs[2 * j], b = pairs[2 * j + 1];
+                for (int t = 0; t < tn; t++) {
+                    const float* cs = rope_cs + (size_t)(offset + t0 + t) * D;
+                    const float xa = x[a * TT + t], xb = x[b * TT + t];
+                    x[a * TT + t] = xa * cs[a] - xb * cs[b];
+                    x[b * TT + t] = xa * cs[b] + xb * cs[a];
+                }
+            }
             for (int r = 0; r < R; r++) {
-                for (int t = 0; t < TT; t++) y[t] = t < tn ? s[(size_t)r * n + t0 + t] * norm[t] : 0.f;
-                tile_axpy(y, x, D, lanes + (size_t)r * D * TT);
+                tile_dot(qh + (size_t)r * D, x, D, y);
+                for (int t = 0; t < tn; t++) s[(size_t)r * n + t0 + t] = y[t];
             }
         }
-        for (int i = 0; i < R * D; i++) {
-            float sum = 0.f;
-            for (int t = 0; t < TT; t++) sum += lanes[(size_t)i * TT + t];
-            a[i] = sum;
-        }
+        softmax_and_values(R, D, N, n, vb, (size_t)bh, s, s + (size_t)R * n, vw, vn,
+                           vlev + (size_t)h * D * (1 << vb), m_out, l_out, acc + (size_t)bh * R * D);
     }
 }

@@ -212,10 +212,11 @@ class FusedDecode:
         self._chain = out
         return [out, ml]
 
-    def coded_partial(self, q_rot: mx.array, q_mean: Optional[mx.array], kv: CompressedKV):
+    def coded_partial(self, q_key: tuple[mx.array, Optional[mx.array]], kv: CompressedKV):
         """The coded tokens' merged partial for ``reference.attend``: q_rot [B, Hkv, R, D] (one
         query token, in the key basis), q_mean [B, Hkv, R, 1] or None -> (m, l [B, Hkv, R, 1],
         acc [B, Hkv, R, D]), in one launch."""
+        q_rot, q_mean = q_key
         B, n_kv, R, D = q_rot.shape
         qm = mx.zeros((B, n_kv, R), mx.float32) if q_mean is None else q_mean.reshape(B, n_kv, R)
         acc, ml = self._launch(q_rot.astype(mx.float32), qm.astype(mx.float32), kv, R, None, False, None, mx.float32)

@@ -248,7 +248,7 @@ def _finish(plain, coded, l):
     return (plain + coded) / mx.maximum(l, 1e-30)
 
 
-CodedPartial = Callable[[mx.array, Optional[mx.array], CompressedKV], tuple[mx.array, mx.array, mx.array]]
+CodedPartial = Callable[[Any, CompressedKV], tuple[mx.array, mx.array, mx.array]]
 
 
 def attend(queries: mx.array, kv: CompressedKV, scale: float, mask: Mask = None,
@@ -261,10 +261,10 @@ def attend(queries: mx.array, kv: CompressedKV, scale: float, mask: Mask = None,
     in the softmax denominator (mlx_lm's attention sinks). Query head h reads KV head
     h // (Hq / Hkv). The codecs must be ones ``supports`` accepts.
 
-    coded_partial: a custom kernel for the coded tokens (ScalarCodec keys and values, no mask):
-    (q_rot [B, Hkv, R·L, D], q·mean [B, Hkv, R·L, 1] or None, kv) -> (m, l [B, Hkv, R·L, 1],
-    acc [B, Hkv, R·L, D]) as ``_Running.merge_coded`` takes them; the fp16 regions, sinks and
-    output stay here.
+    coded_partial: a custom kernel for the coded tokens (no mask): (the key codec's query_basis,
+    e.g. ScalarCodec's (q_rot [B, Hkv, R·L, D], q·mean [B, Hkv, R·L, 1] or None), kv) -> (m, l
+    [B, Hkv, R·L, 1], acc [B, Hkv, R·L, D]) as ``_Running.merge_coded`` takes them; the fp16
+    regions, sinks and output stay here.
     """
     B, Hq, L, D = queries.shape
     kc, vc = kv.key_codec, kv.value_codec
@@ -296,7 +296,7 @@ def attend(queries: mx.array, kv: CompressedKV, scale: float, mask: Mask = None,
     if kv.n_coded:
         q_key = query_basis(kc, q, kv.n_sink)  # once per call, not per block
         if coded_partial is not None:
-            m, l, acc = coded_partial(*q_key, kv)
+            m, l, acc = coded_partial(q_key, kv)
             run.merge_coded(m.reshape(*shape5, 1), l.reshape(*shape5, 1), acc.reshape(*shape5, D))
         else:
             _coded_blocks(run, q_key, kv, mask, block, shape5)

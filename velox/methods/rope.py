@@ -62,10 +62,14 @@ class RopeInverse:
 
     def __init__(self, rope: Any, head_dim: int):
         self.module = rope
+        self.head_dim = head_dim
         if rope is None:
             self.pairs = np.arange(head_dim, dtype=np.int64).reshape(-1, 2)
+            self.fingerprint = ("none", head_dim)
             return
         mats = rope_matrices(rope, PROBE_POSITIONS, head_dim)
+        # ropes that turn the same at the probes are the same rope (layers share one cos/sin table)
+        self.fingerprint = (type(rope).__name__, head_dim, np.round(mats, 6).tobytes())
         off = np.abs(mats).sum(axis=0) * (1 - np.eye(head_dim))
         sign = np.ones(head_dim, dtype=np.float32)
         pairs, unpaired = [], []
@@ -93,6 +97,25 @@ class RopeInverse:
         if self.module is None:
             return x
         return self.sign * self.module(self.sign * x, offset=offset) * self.inv_m2
+
+
+_COS_SIN: dict[tuple, mx.array] = {}
+COS_SIN_STEP = 4096
+
+
+def cos_sin_table(rope: RopeInverse, n: int) -> mx.array:
+    """[≥ n, D] float32: row p holds m·cos at each pair's first dim and m·sin at its second, for
+    RoPE at position p, read off the module (any variant, its mscale included). One table per
+    distinct rope (``fingerprint``), grown in steps of COS_SIN_STEP positions."""
+    table = _COS_SIN.get(rope.fingerprint)
+    if table is None or table.shape[0] < n:
+        rows = -(-n // COS_SIN_STEP) * COS_SIN_STEP
+        probe = np.zeros((1, 1, rows, rope.head_dim), np.float32)
+        probe[..., rope.pairs[:, 0]] = 1.0
+        table = mx.contiguous(rope.rope(mx.array(probe), 0)[0, 0].astype(mx.float32))
+        mx.eval(table)
+        _COS_SIN[rope.fingerprint] = table
+    return table
 
 
 def spec_rope(spec) -> RopeInverse:
