@@ -27,7 +27,7 @@ from . import fused
 from .reference import CompressedKV, Mask, supports
 from .reference import attend as reference_attend
 
-__all__ = ["CompressedKV", "append", "appends", "attend", "backend", "supports"]
+__all__ = ["CompressedKV", "append", "appends", "attend", "attention_path", "backend", "supports"]
 
 
 def backend() -> str:
@@ -81,6 +81,20 @@ def attend(queries: mx.array, kv: CompressedKV, scale: float, mask: Mask = None,
         return kernel.decode(queries, kv, scale, sinks)
     # fp16 regions: the kernel takes the coded tokens, the reference merges the rest
     return reference_attend(queries, kv, scale=scale, mask=mask, sinks=sinks, coded_partial=kernel.coded_partial)
+
+
+def attention_path(key_codec, value_codec) -> str:
+    """How a decode step over these codecs attends on the running backend: "kernel" (a custom
+    kernel reads the codes), "mx reference" (mx ops read the codes) or "decoded history"."""
+    if not supports(key_codec, value_codec):
+        return "decoded history"
+    from ..methods.rope import PreRopeCodec
+
+    if backend() == "cpu":
+        kernel = type(value_codec) is ScalarCodec and type(key_codec) in (ScalarCodec, PreRopeCodec)
+    else:
+        kernel = _kernel_backend(key_codec, value_codec) is not None
+    return "kernel" if kernel else "mx reference"
 
 
 def appends(keys: mx.array, key_codec, value_codec) -> bool:

@@ -46,6 +46,8 @@ def evaluate(folder: Path, methods: list[str], baselines: list[str], text: str, 
                         passkey_accuracy, teacher_forced_nll)
     from ..format import validate_kv_quant
     from ..methods import METHODS
+    from ..kernels import attention_path
+    from .cache import VeloxKVCache
     from .loader import install_kv_caches, read_kv_quant
 
     if n_tokens < max(window, 256):  # a teacher-forced window, and a 256-token cache step for bytes/token
@@ -60,9 +62,12 @@ def evaluate(folder: Path, methods: list[str], baselines: list[str], text: str, 
     fidelity_tokens = min(512, len(ids))  # attention fidelity on the first (up to) 512 tokens
     acts = capture(model, ids[None, :fidelity_tokens], progress=False)
     factories = {b: mlx_baseline_cache(model, b) for b in baselines}
+    paths = {}
     for m in methods:
         install_kv_caches(model, folder, kvq, m)
         factories[m] = model.make_cache
+        coded = [c for c in model.make_cache() if isinstance(c, VeloxKVCache)]
+        paths[m] = attention_path(coded[0].key_codec, coded[0].value_codec) if coded[0].fast else "decoded history"
     results: dict[str, Any] = {"model": str(folder), "tokens": int(len(ids)), "window": window, "runs": {}}
     ref = teacher_forced_nll(model, ids, factories["fp16"], window=window, progress=progress)
     for name, make_cache in factories.items():
@@ -77,6 +82,7 @@ def evaluate(folder: Path, methods: list[str], baselines: list[str], text: str, 
             "delta_ppl": res.ppl / ref.ppl - 1, "delta_ppl_ci95": bootstrap_delta(res.nll, ref.nll),
             "bytes_per_token": bpt, "max_context_in_budget": int(budget_gb * 1e9 // bpt),
             "attention": attention_fidelity(acts, make_cache, length=fidelity_tokens),
+            "decode_attention": paths.get(name, "mlx_lm"),  # what a decode step reads, on this backend
         }
         if passkey_lengths:
             run["passkey"] = passkey_accuracy(model, tok, make_cache, text, lengths=passkey_lengths)
@@ -86,15 +92,15 @@ def evaluate(folder: Path, methods: list[str], baselines: list[str], text: str, 
 
 def results_table(results: dict) -> str:
     """Markdown table of the headline numbers."""
-    lines = ["| cache | K bits | V bits | bytes/token | PPL | ΔPPL vs fp16 (95% CI) | attn out rel err | passkey |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| cache | K bits | V bits | bytes/token | PPL | ΔPPL vs fp16 (95% CI) | attn out rel err | passkey "
+             "| decode attends from |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["runs"].items():
         ci = r["delta_ppl_ci95"]
         delta = f"{100 * r['delta_ppl']:+.2f}% ({100 * ci[0]:+.2f}, {100 * ci[1]:+.2f})"
         attn = sum(a["output_rel_error"] for a in r["attention"]) / max(1, len(r["attention"]))
         pk = f"{100 * r['passkey']['accuracy']:.0f}%" if "passkey" in r else "–"
         lines.append(f"| {name} | {r['key_bits']} | {r['value_bits']} | {r['bytes_per_token']:.0f} | "
-                     f"{r['ppl']:.3f} | {delta} | {attn:.4f} | {pk} |")
+                     f"{r['ppl']:.3f} | {delta} | {attn:.4f} | {pk} | {r.get('decode_attention', '–')} |")
     return "\n".join(lines) + "\n"
 
 
