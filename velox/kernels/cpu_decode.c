@@ -290,29 +290,46 @@ void velox_cpu_partial_rope(int B, int H, int R, int D, int N, int n, int K, int
         const int32_t* lay = klayout + (size_t)h * D * 3;
         const float* mean = kmean + (size_t)h * D;
         float* s = work + (size_t)bh * ((size_t)R * n + (size_t)R * D * TT);
-        float x[MAX_D * TT], y[TT], norm[TT];
+        uint32_t wt[MAX_D * 8 / 32 * TT];
+        float x[MAX_D * TT], cst[MAX_D * TT], y[TT], norm[TT];
         for (int t0 = 0; t0 < n; t0 += TT) {
             const int tn = n - t0 < TT ? n - t0 : TT;
             const uint32_t* words = kw + ((size_t)bh * N + t0) * wk;
-            for (int t = 0; t < TT; t++) norm[t] = t < tn ? half_to_float(kn[(size_t)bh * N + t0 + t]) : 0.f;
+            /* the tile's words and RoPE factors transposed ([w][t], [d][t]): the loops below run
+             * over the tile's tokens, which the compiler vectorises */
+            for (int w = 0; w < wk; w++)
+                for (int t = 0; t < TT; t++) wt[w * TT + t] = t < tn ? words[(size_t)t * wk + w] : 0u;
+            for (int t = 0; t < TT; t++) {
+                const float* cs = rope_cs + (size_t)(offset + t0 + (t < tn ? t : 0)) * D;
+                norm[t] = t < tn ? half_to_float(kn[(size_t)bh * N + t0 + t]) : 0.f;
+                for (int d = 0; d < D; d++) cst[d * TT + t] = cs[d];
+            }
             for (int d = 0; d < D; d++) {
                 const int w = lay[3 * d], shift = lay[3 * d + 1], bits = lay[3 * d + 2];
                 const uint32_t mask = (1u << bits) - 1u;
+                const uint32_t* lo = wt + w * TT;
                 const float* lv = kl + (size_t)d * K;
-                for (int t = 0; t < TT; t++) {
-                    if (t >= tn) { x[d * TT + t] = 0.f; continue; }
-                    uint32_t code = words[(size_t)t * wk + w] >> shift;
-                    if (shift + bits > 32) code |= words[(size_t)t * wk + w + 1] << (32 - shift);
-                    x[d * TT + t] = lv[code & mask] * norm[t] + mean[d];
+                const float md = mean[d];
+                float* xd = x + d * TT;
+                if (shift + bits > 32) {  /* the code continues into the next word */
+                    const uint32_t* hi = lo + TT;
+#pragma omp simd
+                    for (int t = 0; t < TT; t++) xd[t] = lv[((lo[t] >> shift) | (hi[t] << (32 - shift))) & mask] * norm[t] + md;
+                } else {
+#pragma omp simd
+                    for (int t = 0; t < TT; t++) xd[t] = lv[(lo[t] >> shift) & mask] * norm[t] + md;
                 }
             }
             for (int j = 0; j < D / 2; j++) {
-                const int a = pairs[2 * j], b = pairs[2 * j + 1];
-                for (int t = 0; t < tn; t++) {
-                    const float* cs = rope_cs + (size_t)(offset + t0 + t) * D;
-                    const float xa = x[a * TT + t], xb = x[b * TT + t];
-                    x[a * TT + t] = xa * cs[a] - xb * cs[b];
-                    x[b * TT + t] = xa * cs[b] + xb * cs[a];
+                float* xa = x + pairs[2 * j] * TT;
+                float* xb = x + pairs[2 * j + 1] * TT;
+                const float* c = cst + pairs[2 * j] * TT;
+                const float* sn = cst + pairs[2 * j + 1] * TT;
+#pragma omp simd
+                for (int t = 0; t < TT; t++) {
+                    const float a = xa[t], b = xb[t];
+                    xa[t] = a * c[t] - b * sn[t];
+                    xb[t] = a * sn[t] + b * c[t];
                 }
             }
             for (int r = 0; r < R; r++) {
