@@ -106,3 +106,19 @@ def test_cpu_kernel_matches_the_reference(rope_kind, bits, hq):
         ref = reference.attend(q, kv, 0.125)
         got = reference.attend(q, kv, 0.125, coded_partial=cpu.coded_partial)
     assert (mx.max(mx.abs(got - ref)) / mx.max(mx.abs(ref))).item() < 1e-5
+
+
+def test_commvq_attends_from_codes(dispatcher):
+    """commvq's codebooks commute with RoPE: its blocks of keys decode, turn and score without
+    the history being decoded, sinks and window included."""
+    from velox.methods import commvq
+
+    rope = initialize_rope(64, 10000.0, False, None, 4096)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((512, 2, 64)) * np.linspace(3, 0.2, 64)).astype(np.float32)
+    acts = LayerActivations(keys=x, keys_pre_rope=x, values=x, positions=np.tile(np.arange(256), 2),
+                            queries=rng.standard_normal((512, 4, 64)).astype(np.float32))
+    spec = LayerSpec(0, 2, 64, 2, 4, rope=rope)
+    codecs = commvq.make_codecs(commvq.calibrate(acts, spec), spec)
+    assert kernels.supports(*codecs)
+    check(codecs, 4, 2, 64, sink=2, window=6, with_sinks=True)

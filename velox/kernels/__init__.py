@@ -91,7 +91,8 @@ def attention_path(key_codec, value_codec) -> str:
     from ..methods.rope import PreRopeCodec
 
     if backend() == "cpu":
-        kernel = type(value_codec) is ScalarCodec and type(key_codec) in (ScalarCodec, PreRopeCodec)
+        keys = key_codec.inner if type(key_codec) is PreRopeCodec else key_codec
+        kernel = type(value_codec) is ScalarCodec and type(keys) is ScalarCodec
     else:
         kernel = _kernel_backend(key_codec, value_codec) is not None
     return "kernel" if kernel else "mx reference"

@@ -96,8 +96,8 @@ def supports(queries: mx.array, kv: CompressedKV, mask) -> bool:
     if not (L == 1 and mask is None and kv.n_coded > 0 and D <= MAX_D):
         return False
     if type(kc) is PreRopeCodec:
-        keys_ok = commutes_with_rope(kc) and kc.inner.levels.shape[-1] <= 256
-        heads = kc.inner.levels.shape[0]
+        keys_ok = type(kc.inner) is ScalarCodec and commutes_with_rope(kc) and kc.inner.levels.shape[-1] <= 256
+        heads = kc.inner.scale.shape[0]
     else:
         keys_ok = type(kc) is ScalarCodec and tables(kc).bits > 0
         heads = kc.levels.shape[0] if type(kc) is ScalarCodec else 0

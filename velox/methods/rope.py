@@ -141,20 +141,25 @@ class PreRopeCodec:
 
 # ---------------------------------------------------------------- attention from the codes
 #
-# PreRopeCodec's functions for velox.kernels.reference, when its inner codec is a ScalarCodec
-# whose rotation R turns only within RoPE's pairs (spectral's basis="pairs"; any R for a layer
-# without RoPE). A key decodes as k̂_p = RoPE_p(norm · R·(levels ∘ scale) + mean) at position p,
-# and R commutes with RoPE_p, so
+# PreRopeCodec's functions for velox.kernels.reference. A key at position p decodes as
+# k̂_p = RoPE_p(inner.decode(codes)), so a block of keys is decoded in the pre-RoPE frame, turned
+# by RoPE at its positions and scored: the history is never decoded whole. Where the inner codec
+# is a ScalarCodec whose rotation R turns only within RoPE's pairs (spectral's basis="pairs"; any
+# R for a layer without RoPE), R commutes with RoPE_p, so
 #     q · k̂_p = norm · (q @ R) · RoPE_p(levels ∘ scale) + q · RoPE_p(mean):
-# the query is rotated once, and each key costs its lookups and a RoPE of D coordinates (no
-# D×D rotation per key, as the decoded history would).
+# the query is rotated once, and each key costs its lookups and a RoPE of D coordinates (no D×D
+# rotation per key). commvq's codewords commute with RoPE by construction (its decode is lookups
+# and sums). The CPU kernel takes both (velox.kernels.cpu); ``commutes_with_rope`` says which.
 
 
 def commutes_with_rope(codec: PreRopeCodec) -> bool:
-    """Whether the fast path takes this key codec: a ScalarCodec inner codec whose rotation
-    is 2×2 rotations within the rope's pairs (or any, for a layer without RoPE)."""
+    """Whether a key costs O(D) in this codec's attention: a ScalarCodec inner codec whose
+    rotation is 2×2 rotations within the rope's pairs (or any, for a layer without RoPE), or
+    commvq's RoPE-commutative codebooks. Others decode D×D per key (a dense basis)."""
     from .scalar import ScalarCodec, per_codec
 
+    if type(codec.inner).__name__ == "CommVQCodec":
+        return True
     if type(codec.inner) is not ScalarCodec:
         return False
     return per_codec(codec, "commutes", lambda c: _pair_rotations(c.inner.rotation, c.rope))
@@ -171,21 +176,31 @@ def _pair_rotations(rotation: mx.array, rope: RopeInverse) -> bool:
                 and np.allclose(R[:, a, b], -R[:, b, a], atol=1e-6))
 
 
+def _pair_scalar(codec: PreRopeCodec) -> bool:
+    from .scalar import ScalarCodec
+
+    return type(codec.inner) is ScalarCodec and commutes_with_rope(codec)
+
+
 def query_basis(codec: PreRopeCodec, q: mx.array, offset: int) -> tuple:
-    """q [B, H, n, D] float32 -> (q @ R [B, H, n, D], q, offset): what ``key_scores`` takes."""
-    return q @ codec.inner.rotation.astype(mx.float32), q, offset
+    """q [B, H, n, D] float32 -> (q in the keys' scoring basis [B, H, n, D], q, offset): what
+    ``key_scores`` takes (q @ R for a pair-basis ScalarCodec, q itself otherwise)."""
+    q_basis = q @ codec.inner.rotation.astype(mx.float32) if _pair_scalar(codec) else q
+    return q_basis, q, offset
 
 
-def key_scores(codec: PreRopeCodec, q_basis: tuple, parts: tuple[mx.array, mx.array], a: int, b: int) -> mx.array:
-    """q · k̂ for the coded tokens [a, b) of parts (words, norms), at positions offset + a ..
-    -> [B, H, n, b − a] float32."""
+def key_scores(codec: PreRopeCodec, q_basis: tuple, parts: tuple[mx.array, ...], a: int, b: int) -> mx.array:
+    """q · k̂ for the coded tokens [a, b) of parts, at positions offset + a .. -> [B, H, n, b − a] float32."""
     from .scalar import code_levels
 
     q_rot, q, offset = q_basis
     inner = codec.inner
-    words, norms = parts
-    y = code_levels(words[:, :, a:b], inner) * inner.scale[:, None, :]
-    s = (q_rot @ codec.rope.rope(y, offset + a).swapaxes(-1, -2)) * norms[:, :, None, a:b].astype(mx.float32)
+    block = tuple(p[:, :, a:b] for p in parts)
+    if not _pair_scalar(codec):  # decode the block before RoPE, turn it, score it
+        return q @ codec.rope.rope(inner.decode(*block), offset + a).swapaxes(-1, -2)
+    words, norms = block
+    y = code_levels(words, inner) * inner.scale[:, None, :]
+    s = (q_rot @ codec.rope.rope(y, offset + a).swapaxes(-1, -2)) * norms[:, :, None].astype(mx.float32)
     if inner.mean is None:
         return s
     H, D = inner.mean.shape
