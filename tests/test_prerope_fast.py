@@ -122,3 +122,28 @@ def test_commvq_attends_from_codes(dispatcher):
     codecs = commvq.make_codecs(commvq.calibrate(acts, spec), spec)
     assert kernels.supports(*codecs)
     check(codecs, 4, 2, 64, sink=2, window=6, with_sinks=True)
+
+
+@pytest.mark.parametrize("bits,hq", [(2, 4), (1, 2), (4, 8)])
+def test_cpu_kernel_matches_the_reference_for_commvq(bits, hq):
+    from velox.kernels import cpu, reference
+    from velox.methods import commvq
+
+    if cpu.library() is None:
+        pytest.skip("no C compiler")
+    rope = initialize_rope(64, 10000.0, False, None, 4096)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((512, 2, 64)) * np.linspace(3, 0.2, 64)).astype(np.float32)
+    acts = LayerActivations(keys=x, keys_pre_rope=x, values=x, positions=np.tile(np.arange(256), 2),
+                            queries=rng.standard_normal((512, hq, 64)).astype(np.float32))
+    spec = LayerSpec(0, 2, 64, bits, 4, rope=rope)
+    cache = VeloxKVCache(*commvq.make_codecs(commvq.calibrate(acts, spec), spec), sink=3)
+    cache.update_and_fetch(mx.random.normal((1, 2, 300, 64), key=mx.random.key(1)),
+                           mx.random.normal((1, 2, 300, 64), key=mx.random.key(2)))
+    kv = cache.compressed()
+    q = mx.random.normal((1, hq, 1, 64), key=mx.random.key(3))
+    with mx.stream(mx.cpu):
+        assert cpu.supports(q, kv, None)
+        ref = reference.attend(q, kv, 0.125)
+        got = reference.attend(q, kv, 0.125, coded_partial=cpu.coded_partial)
+    assert (mx.max(mx.abs(got - ref)) / mx.max(mx.abs(ref))).item() < 1e-5

@@ -92,7 +92,7 @@ def attention_path(key_codec, value_codec) -> str:
 
     if backend() == "cpu":
         keys = key_codec.inner if type(key_codec) is PreRopeCodec else key_codec
-        kernel = type(value_codec) is ScalarCodec and type(keys) is ScalarCodec
+        kernel = type(value_codec) is ScalarCodec and type(keys).__name__ in ("ScalarCodec", "CommVQCodec")
     else:
         kernel = _kernel_backend(key_codec, value_codec) is not None
     return "kernel" if kernel else "mx reference"

@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional
 import mlx.core as mx
 import numpy as np
 
+from ..methods.commvq import CommVQCodec
 from ..methods.rope import PreRopeCodec, commutes_with_rope, cos_sin_table
 from ..methods.scalar import ScalarCodec, per_codec
 from . import reference
@@ -84,6 +85,8 @@ def library() -> Optional[ctypes.CDLL]:
     lib.velox_cpu_partial.argtypes = [ctypes.c_int] * 8 + [ctypes.c_void_p] * 12
     lib.velox_cpu_partial_rope.restype = None
     lib.velox_cpu_partial_rope.argtypes = [ctypes.c_int] * 10 + [ctypes.c_void_p] * 15
+    lib.velox_cpu_partial_commvq.restype = None
+    lib.velox_cpu_partial_commvq.argtypes = [ctypes.c_int] * 10 + [ctypes.c_void_p] * 16
     return lib
 
 
@@ -95,14 +98,18 @@ def supports(queries: mx.array, kv: CompressedKV, mask) -> bool:
     kc, vc = kv.key_codec, kv.value_codec
     if not (L == 1 and mask is None and kv.n_coded > 0 and D <= MAX_D):
         return False
-    if type(kc) is PreRopeCodec:
+    if type(kc) is PreRopeCodec and type(kc.inner) is CommVQCodec:
+        keys_ok = kc.inner.codebooks.shape[2] == 16 and [p.dtype for p in kv.keys] == [mx.uint8, mx.float16]
+        heads = kc.inner.heads
+    elif type(kc) is PreRopeCodec:
         keys_ok = type(kc.inner) is ScalarCodec and commutes_with_rope(kc) and kc.inner.levels.shape[-1] <= 256
         heads = kc.inner.scale.shape[0]
     else:
         keys_ok = type(kc) is ScalarCodec and tables(kc).bits > 0
         heads = kc.levels.shape[0] if type(kc) is ScalarCodec else 0
     return (keys_ok and type(vc) is ScalarCodec and tables(vc).bits > 0
-            and [p.dtype for p in kv.keys + kv.values] == [mx.uint32, mx.float16] * 2
+            and [p.dtype for p in kv.values] == [mx.uint32, mx.float16]
+            and (type(kc) is PreRopeCodec or [p.dtype for p in kv.keys] == [mx.uint32, mx.float16])
             and heads and Hq % heads == 0 and library() is not None)
 
 
@@ -134,6 +141,30 @@ def _pointer(a: np.ndarray) -> int:
     return a.ctypes.data
 
 
+class CommVQTables(NamedTuple):
+    """What ``velox_cpu_partial_commvq`` reads of a commvq key codec (built once per codec)."""
+
+    u: np.ndarray          # [H·G, S, 16, Dg] float32: codeword parts U (t)
+    v: np.ndarray          # [H·G, S, 16, Dg] float32: V = i·t
+    inv_perm: np.ndarray   # [D] int32: model dim -> position in the groups' layouts
+    inv_scale: np.ndarray  # [H, D] float32: 1 / scale (ones without one)
+    pairs: np.ndarray      # [D/2, 2] int32: the rope's pairs
+
+
+def commvq_tables(codec: PreRopeCodec) -> CommVQTables:
+    return per_codec(codec, "cpu_commvq", _build_commvq_tables)
+
+
+def _build_commvq_tables(codec: PreRopeCodec) -> CommVQTables:
+    inner = codec.inner
+    dense = lambda a: np.ascontiguousarray(np.array(a.astype(mx.float32)))
+    inv_scale = np.ones((inner.heads, inner.perm.shape[0]), np.float32) if inner.scale is None else 1.0 / dense(inner.scale)
+    return CommVQTables(u=dense(inner.U), v=dense(inner.V),
+                        inv_perm=np.ascontiguousarray(np.argsort(inner.perm).astype(np.int32)),
+                        inv_scale=np.ascontiguousarray(inv_scale.astype(np.float32)),
+                        pairs=np.ascontiguousarray(codec.rope.pairs.astype(np.int32)))
+
+
 def coded_partial(q_key: tuple, kv: CompressedKV):
     """The coded tokens' partial for ``reference.attend``: the key codec's query basis (one query
     token: ScalarCodec's (q_rot, q_mean), PreRopeCodec's (q @ R, q, offset), q_rot [B, Hkv, R, D])
@@ -159,7 +190,14 @@ def coded_partial(q_key: tuple, kv: CompressedKV):
     m, l, acc = np.empty((B, H, R, 1), np.float32), np.empty((B, H, R, 1), np.float32), np.empty((B, H, R, D), np.float32)
     out = [_pointer(work), _pointer(m), _pointer(l), _pointer(acc)]
     kn_p, vn_p = _pointer(kn_np.view(np.uint16)), _pointer(vn_np.view(np.uint16))
-    if rope:
+    if rope and type(kv.key_codec.inner) is CommVQCodec:
+        ct = commvq_tables(kv.key_codec)
+        inner = kv.key_codec.inner
+        library().velox_cpu_partial_commvq(
+            B, H, R, D, N, n, inner.groups, inner.codebooks.shape[1], vt.bits, offset, _pointer(q_np), _pointer(kw_np),
+            kn_p, _pointer(vw_np), vn_p, _pointer(ct.u), _pointer(ct.v), _pointer(ct.inv_perm), _pointer(ct.inv_scale),
+            _pointer(extra), _pointer(ct.pairs), _pointer(vl_np), *out)
+    elif rope:
         rt = rope_tables(kv.key_codec)
         library().velox_cpu_partial_rope(
             B, H, R, D, N, n, rt.levels.shape[-1], kw_np.shape[-1], vt.bits, offset, _pointer(q_np), _pointer(kw_np),

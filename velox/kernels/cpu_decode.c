@@ -269,6 +269,37 @@ void velox_cpu_partial(int B, int H, int R, int D, int N, int n, int kb, int vb,
     }
 }
 
+/* cst[d][t] = rope_cs[first + t][d] for the tile's tn tokens (row first + 0 repeated after them). */
+static inline void tile_cos_sin(const float* rope_cs, int first, int tn, int D, float* cst) {
+    for (int t = 0; t < TT; t++) {
+        const float* cs = rope_cs + (size_t)(first + (t < tn ? t : 0)) * D;
+        for (int d = 0; d < D; d++) cst[d * TT + t] = cs[d];
+    }
+}
+
+/* Turn the tile's pre-RoPE keys x [D][TT] by RoPE (cst as tile_cos_sin gives it; pair (a, b):
+ * x_a·c − x_b·s, x_a·s + x_b·c) and score them: s[r][t0 + t] = q_r · x_t for t < tn. */
+static inline void rope_tile_scores(float* x, const float* cst, const int32_t* pairs, int D, int R,
+                                    const float* qh, float* s, int n, int t0, int tn) {
+    float y[TT];
+    for (int j = 0; j < D / 2; j++) {
+        float* xa = x + pairs[2 * j] * TT;
+        float* xb = x + pairs[2 * j + 1] * TT;
+        const float* c = cst + pairs[2 * j] * TT;
+        const float* sn = cst + pairs[2 * j + 1] * TT;
+#pragma omp simd
+        for (int t = 0; t < TT; t++) {
+            const float a = xa[t], b = xb[t];
+            xa[t] = a * c[t] - b * sn[t];
+            xb[t] = a * sn[t] + b * c[t];
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        tile_dot(qh + (size_t)r * D, x, D, y);
+        for (int t = 0; t < tn; t++) s[(size_t)r * n + t0 + t] = y[t];
+    }
+}
+
 /* Pre-RoPE keys coded in a basis that turns only within RoPE's pairs (velox.methods.rope), so
  * the query is rotated into it once: per tile, x[d][t] = levels[d][code] · norm_t + mean[d]
  * (levels times the codec's scale, mean in its basis; codes of any widths ≤ 8 at the layout's
@@ -291,7 +322,7 @@ void velox_cpu_partial_rope(int B, int H, int R, int D, int N, int n, int K, int
         const float* mean = kmean + (size_t)h * D;
         float* s = work + (size_t)bh * ((size_t)R * n + (size_t)R * D * TT);
         uint32_t wt[MAX_D * 8 / 32 * TT];
-        float x[MAX_D * TT], cst[MAX_D * TT], y[TT], norm[TT];
+        float x[MAX_D * TT], cst[MAX_D * TT], norm[TT];
         for (int t0 = 0; t0 < n; t0 += TT) {
             const int tn = n - t0 < TT ? n - t0 : TT;
             const uint32_t* words = kw + ((size_t)bh * N + t0) * wk;
@@ -299,11 +330,8 @@ void velox_cpu_partial_rope(int B, int H, int R, int D, int N, int n, int K, int
              * over the tile's tokens, which the compiler vectorises */
             for (int w = 0; w < wk; w++)
                 for (int t = 0; t < TT; t++) wt[w * TT + t] = t < tn ? words[(size_t)t * wk + w] : 0u;
-            for (int t = 0; t < TT; t++) {
-                const float* cs = rope_cs + (size_t)(offset + t0 + (t < tn ? t : 0)) * D;
-                norm[t] = t < tn ? half_to_float(kn[(size_t)bh * N + t0 + t]) : 0.f;
-                for (int d = 0; d < D; d++) cst[d * TT + t] = cs[d];
-            }
+            for (int t = 0; t < TT; t++) norm[t] = t < tn ? half_to_float(kn[(size_t)bh * N + t0 + t]) : 0.f;
+            tile_cos_sin(rope_cs, offset + t0, tn, D, cst);
             for (int d = 0; d < D; d++) {
                 const int w = lay[3 * d], shift = lay[3 * d + 1], bits = lay[3 * d + 2];
                 const uint32_t mask = (1u << bits) - 1u;
@@ -320,22 +348,56 @@ void velox_cpu_partial_rope(int B, int H, int R, int D, int N, int n, int K, int
                     for (int t = 0; t < TT; t++) xd[t] = lv[(lo[t] >> shift) & mask] * norm[t] + md;
                 }
             }
-            for (int j = 0; j < D / 2; j++) {
-                float* xa = x + pairs[2 * j] * TT;
-                float* xb = x + pairs[2 * j + 1] * TT;
-                const float* c = cst + pairs[2 * j] * TT;
-                const float* sn = cst + pairs[2 * j + 1] * TT;
-#pragma omp simd
-                for (int t = 0; t < TT; t++) {
-                    const float a = xa[t], b = xb[t];
-                    xa[t] = a * c[t] - b * sn[t];
-                    xb[t] = a * sn[t] + b * c[t];
+            rope_tile_scores(x, cst, pairs, D, R, qh, s, n, t0, tn);
+        }
+        softmax_and_values(R, D, N, n, vb, (size_t)bh, s, s + (size_t)R * n, vw, vn,
+                           vlev + (size_t)h * D * (1 << vb), m_out, l_out, acc + (size_t)bh * R * D);
+    }
+}
+
+/* commvq's keys (velox.methods.commvq): per token, head and group g, S one-byte codes (A, B) =
+ * (code >> 4, code & 15) add up U[g][s][A] + V[g][s][B] over the group's Dg dims in its
+ * [re | im] layout; model dim d reads y[inv_perm[d]] · norm / scale[d] (pre-RoPE), then RoPE
+ * and the scores as velox_cpu_partial_rope.
+ *   kc [B, H, N, G·S] uint8; book_u, book_v [H·G, S, 16, Dg]; inv_perm [D]; inv_scale [H, D]. */
+void velox_cpu_partial_commvq(int B, int H, int R, int D, int N, int n, int G, int S, int vb, int offset,
+                              const float* q, const uint8_t* kc, const uint16_t* kn, const uint32_t* vw,
+                              const uint16_t* vn, const float* book_u, const float* book_v, const int32_t* inv_perm,
+                              const float* inv_scale, const float* rope_cs, const int32_t* pairs, const float* vlev,
+                              float* work, float* m_out, float* l_out, float* acc) {
+    const int Dg = D / G, GS = G * S;
+#pragma omp parallel for schedule(static)
+    for (int bh = 0; bh < B * H; bh++) {
+        const int h = bh % H;
+        const float* qh = q + (size_t)bh * R * D;
+        const float* isc = inv_scale + (size_t)h * D;
+        float* s = work + (size_t)bh * ((size_t)R * n + (size_t)R * D * TT);
+        float x[MAX_D * TT], cst[MAX_D * TT], yv[MAX_D];
+        for (int t0 = 0; t0 < n; t0 += TT) {
+            const int tn = n - t0 < TT ? n - t0 : TT;
+            for (int t = 0; t < TT; t++) {
+                if (t >= tn) {
+                    for (int d = 0; d < D; d++) x[d * TT + t] = 0.f;
+                    continue;
                 }
+                const uint8_t* code = kc + ((size_t)bh * N + t0 + t) * GS;
+                const float norm = half_to_float(kn[(size_t)bh * N + t0 + t]);
+                for (int g = 0; g < G; g++) {
+                    float* yg = yv + g * Dg;
+                    for (int e = 0; e < Dg; e++) yg[e] = 0.f;
+                    for (int st = 0; st < S; st++) {
+                        const uint8_t c = code[g * S + st];
+                        const size_t base = (((size_t)(h * G + g) * S + st) * 16) * Dg;
+                        const float* u = book_u + base + (size_t)(c >> 4) * Dg;
+                        const float* v = book_v + base + (size_t)(c & 15) * Dg;
+#pragma omp simd
+                        for (int e = 0; e < Dg; e++) yg[e] += u[e] + v[e];
+                    }
+                }
+                for (int d = 0; d < D; d++) x[d * TT + t] = yv[inv_perm[d]] * norm * isc[d];
             }
-            for (int r = 0; r < R; r++) {
-                tile_dot(qh + (size_t)r * D, x, D, y);
-                for (int t = 0; t < tn; t++) s[(size_t)r * n + t0 + t] = y[t];
-            }
+            tile_cos_sin(rope_cs, offset + t0, tn, D, cst);
+            rope_tile_scores(x, cst, pairs, D, R, qh, s, n, t0, tn);
         }
         softmax_and_values(R, D, N, n, vb, (size_t)bh, s, s + (size_t)R * n, vw, vn,
                            vlev + (size_t)h * D * (1 << vb), m_out, l_out, acc + (size_t)bh * R * D);
