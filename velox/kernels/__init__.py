@@ -75,6 +75,11 @@ def attend(queries: mx.array, kv: CompressedKV, scale: float, mask: Mask = None,
             kv = replace(kv, new=None)
     elif kv.new is not None and (kv.sink is not None or kv.recent is not None):
         raise ValueError("kernels.attend: kv.new takes the decode kernel, which reads codes only")
+    if kernel is None and queries.shape[2] > 1 and _pre_rope(kv.key_codec):
+        # prefill over pre-RoPE keys: their blocks decode one by one in mx ops, far slower than
+        # decoding the history once for this chunk (which a decode step never does)
+        return mx.fast.scaled_dot_product_attention(queries, *decoded(kv, queries.dtype), scale=scale, mask=mask,
+                                                    sinks=sinks)
     if kernel is None:
         return reference_attend(queries, kv, scale=scale, mask=mask, sinks=sinks)
     if kv.sink is None and kv.recent is None:  # codes only: the whole step in one launch
@@ -96,6 +101,30 @@ def attention_path(key_codec, value_codec) -> str:
     else:
         kernel = _kernel_backend(key_codec, value_codec) is not None
     return "kernel" if kernel else "mx reference"
+
+
+def _pre_rope(codec) -> bool:
+    from ..methods.ratequant import HeadGroupCodec
+    from ..methods.rope import PreRopeCodec
+
+    if isinstance(codec, HeadGroupCodec):
+        return any(_pre_rope(inner) for _, inner in codec.groups)
+    return type(codec) is PreRopeCodec
+
+
+def decoded(kv: CompressedKV, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+    """The cache's whole history decoded: keys, values [B, Hkv, length, D] in ``dtype``."""
+    n = kv.n_coded
+    ks, vs = [], []
+    if kv.sink is not None:
+        ks.append(kv.sink[0]), vs.append(kv.sink[1])
+    if n:
+        ks.append(kv.key_codec.decode(*[p[:, :, :n] for p in kv.keys], offset=kv.n_sink))
+        vs.append(kv.value_codec.decode(*[p[:, :, :n] for p in kv.values], offset=kv.n_sink))
+    if kv.recent is not None:
+        ks.append(kv.recent[0]), vs.append(kv.recent[1])
+    cat = lambda xs: mx.concatenate([x.astype(dtype) for x in xs], axis=2)
+    return cat(ks), cat(vs)
 
 
 def appends(keys: mx.array, key_codec, value_codec) -> bool:
