@@ -23,15 +23,20 @@ ROPES = {
 }
 
 
+def random_acts(hkv: int, hq: int, d: int) -> LayerActivations:
+    """Random anisotropic calibration keys (pre-RoPE as given), 2 sequences of 256 tokens."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((512, hkv, d)) * np.linspace(3, 0.2, d)).astype(np.float32)
+    return LayerActivations(keys=x, keys_pre_rope=x, values=x, positions=np.tile(np.arange(256), 2),
+                            queries=rng.standard_normal((512, hq, d)).astype(np.float32))
+
+
 def calibrated(hkv: int, d: int, rope_kind: str, bits, basis: str = "pairs", partial: float = 1.0):
     """spectral (key codec, value codec) calibrated on random anisotropic keys; bits an int, or
     per-head key widths (RateQuant, values 4 bits)."""
     cfg = ROPES[rope_kind]
     rope = initialize_rope(int(d * partial), cfg["base"], cfg["traditional"], cfg["scaling_config"], 4096)
-    rng = np.random.default_rng(0)
-    x = (rng.standard_normal((512, hkv, d)) * np.linspace(3, 0.2, d)).astype(np.float32)
-    acts = LayerActivations(keys=x, keys_pre_rope=x, values=x, positions=np.tile(np.arange(256), 2),
-                            queries=rng.standard_normal((512, hkv * 2, d)).astype(np.float32))
+    acts = random_acts(hkv, hkv * 2, d)
     if isinstance(bits, int):
         spec = LayerSpec(0, hkv, d, bits, 4, rope=rope)
         return spectral.make_codecs(spectral.calibrate(acts, spec, basis=basis), spec)
@@ -95,12 +100,25 @@ def test_dense_basis_stays_on_the_decode_path():
 def test_cpu_kernel_matches_the_reference(rope_kind, bits, hq):
     """The C kernel's partial over pre-RoPE pair-basis codes (variable widths, straddling words,
     positions after a sink) equals the mx reference's, on MLX's CPU backend."""
-    from velox.kernels import cpu, reference
+    check_cpu_kernel(calibrated(2, 64, rope_kind, bits), hq)
+
+
+def commvq_codecs(bits: int, hq: int) -> tuple:
+    """commvq (key codec, value codec) for 2 KV heads of 64, calibrated on random keys."""
+    from velox.methods import commvq
+
+    spec = LayerSpec(0, 2, 64, bits, 4, rope=initialize_rope(64, 10000.0, False, None, 4096))
+    return commvq.make_codecs(commvq.calibrate(random_acts(2, hq, 64), spec), spec)
+
+
+def check_cpu_kernel(codecs: tuple, hq: int) -> None:
+    """One decode query over 300 coded tokens after a 3-token sink: the C kernel's partial, merged
+    by the reference, equals the reference's own."""
+    from velox.kernels import cpu
 
     if cpu.library() is None:
         pytest.skip("no C compiler")
-    keys, values = calibrated(2, 64, rope_kind, bits)
-    cache = VeloxKVCache(keys, values, sink=3)
+    cache = VeloxKVCache(*codecs, sink=3)
     cache.update_and_fetch(mx.random.normal((1, 2, 300, 64), key=mx.random.key(1)),
                            mx.random.normal((1, 2, 300, 64), key=mx.random.key(2)))
     kv = cache.compressed()
@@ -115,39 +133,11 @@ def test_cpu_kernel_matches_the_reference(rope_kind, bits, hq):
 def test_commvq_attends_from_codes(dispatcher):
     """commvq's codebooks commute with RoPE: its blocks of keys decode, turn and score without
     the history being decoded, sinks and window included."""
-    from velox.methods import commvq
-
-    rope = initialize_rope(64, 10000.0, False, None, 4096)
-    rng = np.random.default_rng(0)
-    x = (rng.standard_normal((512, 2, 64)) * np.linspace(3, 0.2, 64)).astype(np.float32)
-    acts = LayerActivations(keys=x, keys_pre_rope=x, values=x, positions=np.tile(np.arange(256), 2),
-                            queries=rng.standard_normal((512, 4, 64)).astype(np.float32))
-    spec = LayerSpec(0, 2, 64, 2, 4, rope=rope)
-    codecs = commvq.make_codecs(commvq.calibrate(acts, spec), spec)
+    codecs = commvq_codecs(2, 4)
     assert kernels.supports(*codecs)
     check(codecs, 4, 2, 64, sink=2, window=6, with_sinks=True)
 
 
 @pytest.mark.parametrize("bits,hq", [(2, 4), (1, 2), (4, 8)])
 def test_cpu_kernel_matches_the_reference_for_commvq(bits, hq):
-    from velox.kernels import cpu, reference
-    from velox.methods import commvq
-
-    if cpu.library() is None:
-        pytest.skip("no C compiler")
-    rope = initialize_rope(64, 10000.0, False, None, 4096)
-    rng = np.random.default_rng(0)
-    x = (rng.standard_normal((512, 2, 64)) * np.linspace(3, 0.2, 64)).astype(np.float32)
-    acts = LayerActivations(keys=x, keys_pre_rope=x, values=x, positions=np.tile(np.arange(256), 2),
-                            queries=rng.standard_normal((512, hq, 64)).astype(np.float32))
-    spec = LayerSpec(0, 2, 64, bits, 4, rope=rope)
-    cache = VeloxKVCache(*commvq.make_codecs(commvq.calibrate(acts, spec), spec), sink=3)
-    cache.update_and_fetch(mx.random.normal((1, 2, 300, 64), key=mx.random.key(1)),
-                           mx.random.normal((1, 2, 300, 64), key=mx.random.key(2)))
-    kv = cache.compressed()
-    q = mx.random.normal((1, hq, 1, 64), key=mx.random.key(3))
-    with mx.stream(mx.cpu):
-        assert cpu.supports(q, kv, None)
-        ref = reference.attend(q, kv, 0.125)
-        got = reference.attend(q, kv, 0.125, coded_partial=cpu.coded_partial)
-    assert (mx.max(mx.abs(got - ref)) / mx.max(mx.abs(ref))).item() < 1e-5
+    check_cpu_kernel(commvq_codecs(bits, hq), hq)

@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -31,7 +31,7 @@ from ..methods.rope import layer_rope, spec_rope
 from ..model_cards import describe_weights, render_card
 from ..runtime.cache import ExactCodec, VeloxKVCache
 from ..runtime.layers import cache_layout
-from ..runtime.loader import build_codecs, cache_factory, load_artifact, load_mlx_lm, resolve_path
+from ..runtime.loader import cache_factory, load_mlx_lm, resolve_path
 from .calib_data import CalibrationSet, load_calibration
 from .capture import capture
 
@@ -406,19 +406,17 @@ def calibration_compute(model) -> None:
 MEASURE_TOKENS = 1024  # a multiple of the caches' 256-token step: no allocation slack is counted
 
 
-def layer_bytes_per_token(codecs: list, method: str, entry: dict, num_kv_heads: int, head_dim: int,
+def layer_bytes_per_token(make_cache: Callable[[], list], num_kv_heads: int, head_dim: int,
                           value_head_dim: int, n: int = MEASURE_TOKENS) -> float:
     """Mean bytes one coded layer's VeloxKVCache holds per token once ``n`` tokens went in.
 
-    codecs: the loader's (key codec, value codec) per layer, None for native layers. Each
-    cache gets keys/values [1, H, n, D] and reports its ``nbytes`` (codes, per-vector
-    scalars, fp16 sink/window). Those bytes depend on the token count only, so random
-    vectors measure them.
+    make_cache: the loader's cache factory (``cache_factory``). Each VeloxKVCache gets
+    keys/values [1, H, n, D] and reports its ``nbytes`` (codes, per-vector scalars, fp16
+    sink/window). Those bytes depend on the token count only, so random vectors measure them.
     """
     keys = mx.random.normal((1, num_kv_heads, n, head_dim), key=mx.random.key(0))
     values = mx.random.normal((1, num_kv_heads, n, value_head_dim), key=mx.random.key(1))
-    caches = [VeloxKVCache(*c, method=method, sink=entry.get("sink", 0), window=entry.get("window", 0))
-              for c in codecs if c is not None]
+    caches = [c for c in make_cache() if isinstance(c, VeloxKVCache)]
     for c in caches:
         c.update_and_fetch(keys, values)
     return sum(c.nbytes for c in caches) / (len(caches) * n)
@@ -501,12 +499,12 @@ def write_folder(plan: Plan, progress: bool = True, repo_id: Optional[str] = Non
                             "seed": plan.seed, "capture_seconds": round(capture_seconds, 2)},
             "artifacts": [{"file": ARTIFACT_FILE, "sha256": sha256_file(tmp / ARTIFACT_FILE)}],
         }
-        saved = load_artifact(tmp)  # measured from what was written, codecs built as velox.load builds them
         for m, entry in methods.items():
-            cache_factory(model, tmp, kvq, m)  # velox.load's checks: a model they refuse gets no folder
-            codecs = build_codecs(kvq, m, saved, model)
+            # the caches velox.load would build from what was written, after its checks (a model
+            # they refuse gets no folder); their bytes are measured
+            _, make_cache = cache_factory(model, tmp, kvq, m)
             entry["bytes_per_token_per_layer"] = round(
-                layer_bytes_per_token(codecs, m, entry, plan.num_kv_heads, plan.head_dim, plan.value_head_dim), 2)
+                layer_bytes_per_token(make_cache, plan.num_kv_heads, plan.head_dim, plan.value_head_dim), 2)
         config = dict(plan.config, kv_quant=kvq)
         save_config(config, tmp / "config.json")
         base = plan.hf_path if not Path(plan.hf_path).exists() else Path(plan.hf_path).name

@@ -113,7 +113,8 @@ def _pre_rope(codec) -> bool:
 
 
 def decoded(kv: CompressedKV, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
-    """The cache's whole history decoded: keys, values [B, Hkv, length, D] in ``dtype``."""
+    """The cache's whole history decoded: keys, values [B, Hkv, length, D] in ``dtype``
+    (``VeloxKVCache.fetch``, and prefill over pre-RoPE keys). kv.new must be in the buffers."""
     n = kv.n_coded
     ks, vs = [], []
     if kv.sink is not None:
@@ -123,8 +124,10 @@ def decoded(kv: CompressedKV, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
         vs.append(kv.value_codec.decode(*[p[:, :, :n] for p in kv.values], offset=kv.n_sink))
     if kv.recent is not None:
         ks.append(kv.recent[0]), vs.append(kv.recent[1])
-    cat = lambda xs: mx.concatenate([x.astype(dtype) for x in xs], axis=2)
-    return cat(ks), cat(vs)
+    ks, vs = [x.astype(dtype) for x in ks], [x.astype(dtype) for x in vs]
+    if len(ks) == 1:
+        return ks[0], vs[0]
+    return mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
 
 
 def appends(keys: mx.array, key_codec, value_codec) -> bool:

@@ -178,21 +178,7 @@ class VeloxKVCache(_BaseCache):
     def fetch(self, dtype=mx.float32) -> tuple[mx.array, mx.array]:
         """The decoded history: keys, values [B, H, offset, D] in ``dtype``."""
         self.settle()
-        sink, recent = self.fp16_regions()
-        ks, vs = [], []
-        if sink:
-            ks.append(sink[0].astype(dtype))
-            vs.append(sink[1].astype(dtype))
-        if self.coded:
-            n = self.coded
-            ks.append(self.key_codec.decode(*[b[:, :, :n] for b in self.keys], offset=self.n_sink).astype(dtype))
-            vs.append(self.value_codec.decode(*[b[:, :, :n] for b in self.values], offset=self.n_sink).astype(dtype))
-        if recent:
-            ks.append(recent[0].astype(dtype))
-            vs.append(recent[1].astype(dtype))
-        if len(ks) == 1:
-            return ks[0], vs[0]
-        return mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
+        return kernels.decoded(self.compressed(), dtype)
 
     def fp16_regions(self) -> tuple[list[mx.array] | None, list[mx.array] | None]:
         """The held sink and window tokens: ([keys, values] [B, H, n, D] fp16, or None), each."""
