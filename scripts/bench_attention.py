@@ -1,8 +1,10 @@
 """Per-step decode attention: full-precision SDPA, mlx_lm's 4-bit quantized attention,
 velox decode-everything and velox's compressed-domain fast path, in one run.
 
-``--kv`` picks the data-free velox method (turboquant_mse by default; turboquant_rvq,
-turboquant_prod, qjl); ``--mixed`` codes half the KV heads at bits − 1 and half at
+``--kv`` picks the velox method (turboquant_mse by default). Calibrated methods (spectral,
+vecinfer, rabitq, commvq; ``spectral[basis=pairs]`` for the pair basis) are calibrated here on
+random anisotropic pre-RoPE keys under Llama-3's RoPE (speed does not depend on the data);
+``--mixed`` codes half the KV heads at bits − 1 and half at
 bits + 1 (RateQuant's per-head widths, HeadGroupCodec), the same average.
 
 Llama-3-8B-shaped attention (32 query heads, 8 KV heads, head_dim 128), one query
@@ -29,6 +31,8 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
+from mlx_lm.models.rope_utils import initialize_rope
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -37,8 +41,8 @@ from mlx_lm.models.base import quantized_scaled_dot_product_attention  # noqa: E
 
 from velox import kernels  # noqa: E402
 from velox.cpu import reexec_with_openblas  # noqa: E402
-from velox.methods import get_method, ratequant  # noqa: E402
-from velox.methods.base import LayerSpec  # noqa: E402
+from velox.methods import get_method, parse_method_options, ratequant  # noqa: E402
+from velox.methods.base import LayerActivations, LayerSpec  # noqa: E402
 from velox.runtime.cache import VeloxKVCache  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -85,10 +89,26 @@ def nbytes(arrays) -> int:
     return sum(a.nbytes for a in arrays)
 
 
+def random_activations(tokens: int = 1024) -> LayerActivations:
+    """Anisotropic random calibration activations (pre-RoPE keys as given, positions 0..)."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((tokens, HKV, D)) * np.linspace(3, 0.2, D)).astype(np.float32)
+    return LayerActivations(keys=x, keys_pre_rope=x, values=x, positions=np.arange(tokens),
+                            queries=rng.standard_normal((tokens, HQ, D)).astype(np.float32))
+
+
 def make_codecs(method: str, key_bits: int, value_bits: int, mixed: bool) -> tuple:
-    """(key codec, value codec) of a data-free method for HKV heads of D; mixed: heads alternate
-    between bits − 1 and bits + 1 (HeadGroupCodecs)."""
-    module = get_method(method)
+    """(key codec, value codec) of a method for HKV heads of D, calibrated methods on
+    ``random_activations``; mixed (data-free methods): heads alternate between bits − 1 and
+    bits + 1 (HeadGroupCodecs)."""
+    name, options = parse_method_options(method)
+    module = get_method(name)
+    if hasattr(module, "calibrate"):
+        rope = initialize_rope(D, 500000.0, False, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                               131072)
+        spec = LayerSpec(0, HKV, D, key_bits, value_bits, rope=rope)
+        return module.make_codecs(module.calibrate(random_activations(), spec, **options), spec)
     if not mixed:
         return module.make_codecs({}, LayerSpec(0, HKV, D, key_bits, value_bits))
     widths = lambda b: [b - 1, b + 1] * (HKV // 2)
@@ -134,7 +154,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="1024,4096,8192")
     ap.add_argument("--dtype", default=None, help="K/V/query dtype (default: float32 on CPU, float16 on GPU)")
-    ap.add_argument("--kv", default="turboquant_mse", help="data-free velox method")
+    ap.add_argument("--kv", default="turboquant_mse", help="velox method, e.g. rabitq or spectral[basis=pairs]")
     ap.add_argument("--mixed", action="store_true", help="per-head widths bits ± 1 (RateQuant's HeadGroupCodec)")
     ap.add_argument("--key-bits", type=int, default=None, help="default: the method's")
     ap.add_argument("--value-bits", type=int, default=None, help="default: the method's")
@@ -145,7 +165,7 @@ def main(argv=None) -> int:
     if on_cpu:
         reexec_with_openblas()
     dtype = getattr(mx, args.dtype) if args.dtype else (mx.float32 if on_cpu else mx.float16)
-    module = get_method(args.kv)
+    module = get_method(parse_method_options(args.kv)[0])
     key_bits = args.key_bits or module.DEFAULT_KEY_BITS
     value_bits = args.value_bits or module.DEFAULT_VALUE_BITS
 

@@ -26,6 +26,7 @@ from velox.convert.calib_data import EVAL_CORPUS, load_calibration  # noqa: E402
 from velox.convert.capture import capture  # noqa: E402
 from velox.convert.pipeline import RATEQUANT_SEQUENCES, calibrate_method, calibrate_ratequant  # noqa: E402
 from velox.eval import bytes_per_token, mlx_baseline_cache, teacher_forced_nll  # noqa: E402
+from velox.methods import parse_method_options  # noqa: E402
 from velox.cpu import reexec_with_openblas  # noqa: E402
 from velox.runtime.cache import VeloxKVCache  # noqa: E402
 from velox.runtime.loader import build_codecs  # noqa: E402
@@ -92,16 +93,6 @@ def parse_bits(spec: str) -> list[tuple[int, int]]:
     return out
 
 
-def parse_options(item: str) -> tuple[str, dict]:
-    """'spectral[basis=pairs]' -> ('spectral', {'basis': 'pairs'}) (numbers as ints)."""
-    name, _, rest = item.partition("[")
-    options = {}
-    for kv in filter(None, rest.rstrip("]").split(";")):
-        k, _, v = kv.partition("=")
-        options[k] = int(v) if v.lstrip("-").isdigit() else v
-    return name, options
-
-
 def common_args(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default=str(ROOT / ".cache" / "smollm2-135m-instruct"))
@@ -149,7 +140,7 @@ def run_velox_and_baselines(args) -> tuple:
                                 entry["key_bits"], entry["value_bits"], entry["fit_seconds"]))
             continue
         m, _, bits = item.partition(":")
-        m, options = parse_options(m)
+        m, options = parse_method_options(m)
         if args.outliers:
             options["outliers"] = args.outliers
         for kb, vb in parse_bits(bits or args.bits):

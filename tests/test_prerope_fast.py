@@ -88,11 +88,39 @@ def test_partial_rotary_and_ratequant_widths(dispatcher):
     check(calibrated(3, 64, "yarn", [2, 4, 3]), 9, 3, 64, window=4)
 
 
-def test_dense_basis_stays_on_the_decode_path():
-    """spectral's full eigenbasis mixes RoPE pairs: no fast path (it would be D² per key)."""
-    keys, values = calibrated(2, 64, "default", 4, basis="full")
-    assert not kernels.supports(keys, values)
-    assert kernels.supports(*calibrated(2, 64, "default", 4, basis="pairs"))
+def dense_codecs(method: str, bits: int, hq: int, rope_kind: str = "default") -> tuple:
+    """(key codec, value codec) of a method whose pre-RoPE key basis mixes RoPE pairs (spectral's
+    full eigenbasis, vecinfer, rabitq), for 2 KV heads of 64, calibrated on random keys."""
+    from velox.methods import rabitq, vecinfer
+
+    if method == "spectral":
+        return calibrated(2, 64, rope_kind, bits, basis="full")
+    cfg = ROPES[rope_kind]
+    spec = LayerSpec(0, 2, 64, bits, 4, rope=initialize_rope(64, cfg["base"], cfg["traditional"],
+                                                             cfg["scaling_config"], 4096))
+    module = {"vecinfer": vecinfer, "rabitq": rabitq}[method]
+    tensors = rabitq.calibrate(random_acts(2, hq, 64), spec, nlist=8) if method == "rabitq" else \
+        module.calibrate(random_acts(2, hq, 64), spec)
+    return module.make_codecs(tensors, spec)
+
+
+DENSE = [("spectral", 4, "default"), ("spectral", 3, "yarn"), ("vecinfer", 2, "traditional"), ("vecinfer", 1, "default"),
+         ("rabitq", 1, "llama3")]
+
+
+@pytest.mark.parametrize("method,bits,rope_kind", DENSE)
+def test_dense_bases_attend_from_codes(method, bits, rope_kind, dispatcher):
+    """Bases that mix RoPE pairs decode a block of keys at a time (D² per key, as the decode path,
+    but never the whole history): same attention as SDPA over the decoded history."""
+    codecs = dense_codecs(method, bits, 4, rope_kind)
+    assert kernels.supports(*codecs)
+    check(codecs, 4, 2, 64, sink=2, window=6, with_sinks=True)
+
+
+@pytest.mark.parametrize("method,bits,rope_kind", DENSE)
+@pytest.mark.parametrize("hq", [2, 8])
+def test_cpu_dense_kernel_matches_the_reference(method, bits, rope_kind, hq):
+    check_cpu_kernel(dense_codecs(method, bits, hq, rope_kind), hq)
 
 
 @pytest.mark.parametrize("rope_kind,bits,hq", [("default", 4, 6), ("traditional", 3, 2), ("yarn", 2, 8),

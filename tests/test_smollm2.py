@@ -285,3 +285,35 @@ def test_vq_method_quality_with_a_recent_window(folder_vq, eval_tokens, fp16_res
     delta = res.ppl / fp16_result.ppl - 1
     print(f"\n{method} window 64: PPL {res.ppl:.3f} ({100 * delta:+.2f}%)")
     assert delta < WINDOW_MAX_DELTA[method]
+
+
+@pytest.fixture(scope="module")
+def folder_pairs(smollm2_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pairs") / "smollm2-pairs"
+    assert convert_main(["--hf-path", str(smollm2_path), "--mlx-path", str(out), "--kv", "spectral",
+                         "--spectral-basis", "pairs", "--quiet"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("which,method", [("folder4", "turboquant_mse"), ("folder_pairs", "spectral"),
+                                          ("folder_vq", "commvq")])
+def test_fast_path_greedy_tokens_match_decoding_the_history(request, eval_tokens, which, method):
+    """The issue's exactness check on the real model: a 2048-token prompt of the evaluation text,
+    then 64 greedy decode steps, attending from the codes (the CPU kernel here) or decoding the
+    whole history every step: the same tokens."""
+    folder = request.getfixturevalue(which)
+    prompt = mx.array(eval_tokens[None, :2048])
+    runs = {}
+    for fast in (True, False):
+        model, _ = velox.load(str(folder), kv=method, fast=fast)
+        model.set_dtype(mx.float32)
+        cache = model.make_cache()
+        logits = model(prompt, cache=cache)
+        tokens = []
+        for _ in range(64):
+            tok = mx.argmax(logits[:, -1], axis=-1)
+            tokens.append(tok.item())
+            logits = model(tok[:, None], cache=cache)
+        assert all(c.codes_only == fast for c in cache if isinstance(c, VeloxKVCache))
+        runs[fast] = tokens
+    assert runs[True] == runs[False]

@@ -6,8 +6,8 @@ shapes, and otherwise runs the pure-mx reference (``reference.attend``). The GPU
 ``metal`` with ``mx.fast.metal_kernel``. MLX's CPU backend runs no custom kernels: there
 ``cpu`` computes the coded tokens' partial with a C function compiled on first use
 (``cpu_decode.c``) and the reference does the rest. All take ScalarCodec (turboquant_mse) keys
-and values; the CPU's also pre-RoPE keys whose basis turns within RoPE pairs (spectral's
-``basis="pairs"``); every other codec runs the reference.
+and values; the CPU's also every calibrated method's pre-RoPE keys (spectral in either basis,
+vecinfer, rabitq, commvq); every other codec runs the reference.
 On a GPU the decode launch also encodes the step's new key and value into the cache's code
 buffers (``CompressedKV.new``); ``append`` does that alone, in one launch ordered before the
 next decode launch, for a cache read some other way first.
@@ -96,8 +96,9 @@ def attention_path(key_codec, value_codec) -> str:
     from ..methods.rope import PreRopeCodec
 
     if backend() == "cpu":
-        keys = key_codec.inner if type(key_codec) is PreRopeCodec else key_codec
-        kernel = type(value_codec) is ScalarCodec and type(keys).__name__ in ("ScalarCodec", "CommVQCodec")
+        from . import cpu
+
+        kernel = type(value_codec) is ScalarCodec and cpu.takes_keys(key_codec)
     else:
         kernel = _kernel_backend(key_codec, value_codec) is not None
     return "kernel" if kernel else "mx reference"

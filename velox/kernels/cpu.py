@@ -26,8 +26,10 @@ import mlx.core as mx
 import numpy as np
 
 from ..methods.commvq import CommVQCodec
+from ..methods.rabitq import RaBitQCodec
 from ..methods.rope import PreRopeCodec, commutes_with_rope, cos_sin_table
-from ..methods.scalar import ScalarCodec, per_codec
+from ..methods.scalar import ScalarCodec, per_codec, sign_layout
+from ..methods.vecinfer import ProductCodec
 from . import reference
 from .fused import tables
 from .reference import CompressedKV
@@ -77,6 +79,10 @@ def library() -> Optional[ctypes.CDLL]:
         if not path.exists() and not _compile(cc, path):
             warnings.warn(f"velox: could not compile {SOURCE.name} with {cc}; CPU attention uses mx ops")
             return None
+        # OpenMP's idle threads spin by default, and then take the cores from OpenBLAS's threads
+        # in the next layer's matmuls: on SmolLM2 (2 cores) that alone made decoding 0.68× fp16's
+        # speed instead of 1.17× (docs/BENCHMARKS.md, session 14). libgomp reads this as it loads.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         warnings.warn(f"velox: could not load {path}: {e}; CPU attention uses mx ops")
@@ -84,33 +90,65 @@ def library() -> Optional[ctypes.CDLL]:
     lib.velox_cpu_partial.restype = None
     lib.velox_cpu_partial.argtypes = [ctypes.c_int] * 8 + [ctypes.c_void_p] * 12
     lib.velox_cpu_partial_rope.restype = None
-    lib.velox_cpu_partial_rope.argtypes = [ctypes.c_int] * 10 + [ctypes.c_void_p] * 15
+    lib.velox_cpu_partial_rope.argtypes = [ctypes.c_int] * 10 + [ctypes.c_void_p] * 9 + [ctypes.c_int] + [ctypes.c_void_p] * 6
     lib.velox_cpu_partial_commvq.restype = None
-    lib.velox_cpu_partial_commvq.argtypes = [ctypes.c_int] * 10 + [ctypes.c_void_p] * 16
+    lib.velox_cpu_partial_commvq.argtypes = [ctypes.c_int] * 10 + [ctypes.c_void_p] * 15
+    lib.velox_cpu_partial_dense.restype = None
+    lib.velox_cpu_partial_dense.argtypes = [ctypes.c_int] * 14 + [ctypes.c_void_p] * 14 + [ctypes.c_int] + [ctypes.c_void_p] * 6
     return lib
 
 
 def supports(queries: mx.array, kv: CompressedKV, mask) -> bool:
     """Decode (L = 1, no mask), head_dim ≤ 256, with the C library built, over ScalarCodec values
-    of one width dividing 32 (uint32 words, fp16 norms) and keys that are either such a
-    ScalarCodec, or pre-RoPE keys in a basis that turns within RoPE pairs (``rope_tables``)."""
+    of one width dividing 32 (uint32 words, fp16 norms) and keys ``takes_keys`` accepts."""
     B, Hq, L, D = queries.shape
     kc, vc = kv.key_codec, kv.value_codec
-    if not (L == 1 and mask is None and kv.n_coded > 0 and D <= MAX_D):
+    if not (L == 1 and mask is None and kv.n_coded > 0 and D <= MAX_D and library() is not None):
         return False
-    if type(kc) is PreRopeCodec and type(kc.inner) is CommVQCodec:
-        keys_ok = kc.inner.codebooks.shape[2] == 16 and [p.dtype for p in kv.keys] == [mx.uint8, mx.float16]
-        heads = kc.inner.heads
-    elif type(kc) is PreRopeCodec:
-        keys_ok = type(kc.inner) is ScalarCodec and commutes_with_rope(kc) and kc.inner.levels.shape[-1] <= 256
-        heads = kc.inner.scale.shape[0]
-    else:
-        keys_ok = type(kc) is ScalarCodec and tables(kc).bits > 0
-        heads = kc.levels.shape[0] if type(kc) is ScalarCodec else 0
-    return (keys_ok and type(vc) is ScalarCodec and tables(vc).bits > 0
-            and [p.dtype for p in kv.values] == [mx.uint32, mx.float16]
-            and (type(kc) is PreRopeCodec or [p.dtype for p in kv.keys] == [mx.uint32, mx.float16])
-            and heads and Hq % heads == 0 and library() is not None)
+    return (takes_keys(kc) and [p.dtype for p in kv.keys] == _key_dtypes(kc)
+            and type(vc) is ScalarCodec and tables(vc).bits > 0
+            and [p.dtype for p in kv.values] == [mx.uint32, mx.float16] and Hq % key_heads(kc) == 0)
+
+
+def takes_keys(codec) -> bool:
+    """Whether one of this module's kernels scores keys of this codec: ScalarCodec's, or any
+    calibrated method's pre-RoPE keys (pair basis, commvq, or a dense basis)."""
+    if type(codec) is ScalarCodec:
+        return tables(codec).bits > 0
+    if type(codec) is not PreRopeCodec:
+        return False
+    if type(codec.inner) is CommVQCodec:
+        return codec.inner.codebooks.shape[2] == 16
+    if _pair_basis(codec):
+        return codec.inner.levels.shape[-1] <= 256
+    return dense_tables(codec) is not None
+
+
+def key_heads(codec) -> int:
+    """KV heads of a key codec ``takes_keys`` accepts."""
+    inner = codec.inner if type(codec) is PreRopeCodec else codec
+    if type(inner) is CommVQCodec:
+        return inner.heads
+    if type(inner) is ScalarCodec:
+        return inner.scale.shape[0]
+    return dense_tables(codec).klev.shape[0]
+
+
+def _pair_basis(codec: PreRopeCodec) -> bool:
+    return type(codec.inner) is ScalarCodec and commutes_with_rope(codec)
+
+
+def _key_dtypes(codec) -> list:
+    """The code arrays' dtypes each kernel reads, in the order the codec's encode gives them."""
+    if type(codec) is PreRopeCodec:
+        inner = type(codec.inner)
+        if inner is CommVQCodec:
+            return [mx.uint8, mx.float16]
+        if inner is ProductCodec:
+            return [mx.uint8]
+        if inner is RaBitQCodec:
+            return [mx.uint32, mx.uint8, mx.float16]
+    return [mx.uint32, mx.float16]
 
 
 class RopeTables(NamedTuple):
@@ -142,13 +180,13 @@ def _pointer(a: np.ndarray) -> int:
 
 
 class CommVQTables(NamedTuple):
-    """What ``velox_cpu_partial_commvq`` reads of a commvq key codec (built once per codec)."""
+    """What ``velox_cpu_partial_commvq`` reads of a commvq key codec (built once per codec), all in
+    the groups' layout (``commvq.pair_permutation``)."""
 
-    u: np.ndarray          # [H·G, S, 16, Dg] float32: codeword parts U (t)
-    v: np.ndarray          # [H·G, S, 16, Dg] float32: V = i·t
-    inv_perm: np.ndarray   # [D] int32: model dim -> position in the groups' layouts
-    inv_scale: np.ndarray  # [H, D] float32: 1 / scale (ones without one)
-    pairs: np.ndarray      # [D/2, 2] int32: the rope's pairs
+    u: np.ndarray            # [H·G, S, 16, Dg] float32: codeword parts U (t)
+    v: np.ndarray            # [H·G, S, 16, Dg] float32: V = i·t
+    perm: np.ndarray         # [D] int32: layout position -> model dim
+    inv_scale: np.ndarray    # [H, D] float32: 1 / scale laid out (ones without one)
 
 
 def commvq_tables(codec: PreRopeCodec) -> CommVQTables:
@@ -159,55 +197,151 @@ def _build_commvq_tables(codec: PreRopeCodec) -> CommVQTables:
     inner = codec.inner
     dense = lambda a: np.ascontiguousarray(np.array(a.astype(mx.float32)))
     inv_scale = np.ones((inner.heads, inner.perm.shape[0]), np.float32) if inner.scale is None else 1.0 / dense(inner.scale)
-    return CommVQTables(u=dense(inner.U), v=dense(inner.V),
-                        inv_perm=np.ascontiguousarray(np.argsort(inner.perm).astype(np.int32)),
-                        inv_scale=np.ascontiguousarray(inv_scale.astype(np.float32)),
-                        pairs=np.ascontiguousarray(codec.rope.pairs.astype(np.int32)))
+    return CommVQTables(u=dense(inner.U), v=dense(inner.V), perm=np.ascontiguousarray(inner.perm.astype(np.int32)),
+                        inv_scale=np.ascontiguousarray(inv_scale[:, inner.perm].astype(np.float32)))
+
+
+_LAID_OUT: dict[tuple, tuple[mx.array, np.ndarray]] = {}
+
+
+def laid_out_cos_sin(rope, n: int, perm: Optional[np.ndarray] = None) -> np.ndarray:
+    """``cos_sin_table(rope, n)`` as the kernels read it, rebuilt only when that table grows (a
+    per-call copy would cost as much as the scores): with perm, [≥ n, D] with its columns in
+    perm's order (commvq reads one row per token); without, transposed to [D, ≥ n] (the tile
+    kernels read TT consecutive positions per dim)."""
+    table = cos_sin_table(rope, n)
+    key = (rope.fingerprint, None if perm is None else perm.tobytes())
+    held = _LAID_OUT.get(key)
+    if held is None or held[0] is not table:
+        held = (table, np.ascontiguousarray(np.array(table)[:, perm] if perm is not None else np.array(table).T))
+        _LAID_OUT[key] = held
+    return held[1]
+
+
+class DenseTables(NamedTuple):
+    """What ``velox_cpu_partial_dense`` reads of a pre-RoPE key codec in a basis that mixes RoPE
+    pairs (spectral's full eigenbasis, vecinfer, rabitq), built once per codec; optional arrays
+    are None."""
+
+    kind: int                        # 0: per-dim codes through layout; 1: product VQ
+    klev: np.ndarray                 # kind 0: [H, D, K] levels; kind 1: [H, M, dsub, K] codebooks
+    layout: Optional[np.ndarray]     # kind 0: [H, D, 3] int32 word, shift, width
+    rotation: Optional[np.ndarray]   # [H or 1, D, D]: x = rotation · y per key; None: Hadamard
+    rowscale: Optional[np.ndarray]   # [D] with the Hadamard: its signs / √D
+    centroids: Optional[np.ndarray]  # [H, D, C] added per token (rabitq), transposed
+    colscale: Optional[np.ndarray]   # [H, D] times each dim after (vecinfer's smoothing, 1/scale)
+    offset: Optional[np.ndarray]     # [H, D] added last (a mean)
+    pairs: np.ndarray                # [D/2, 2] int32
+
+
+def dense_tables(codec: PreRopeCodec) -> Optional[DenseTables]:
+    """The dense kernel's tables for this codec, or None where it takes no such inner codec."""
+    return per_codec(codec, "cpu_dense", _build_dense_tables)
+
+
+def _layout_array(layout, bits: np.ndarray, heads: int, D: int) -> np.ndarray:
+    parts = [np.broadcast_to(np.array(a).astype(np.int32), (heads, D)) for a in (layout.word, layout.shift)]
+    return np.ascontiguousarray(np.stack(parts + [np.broadcast_to(bits.astype(np.int32), (heads, D))], axis=-1))
+
+
+def hadamard_signs(rotation: np.ndarray) -> Optional[np.ndarray]:
+    """s / √D [D] when rotation [1, D, D] is diag(s) · H / √D (H Sylvester's Hadamard matrix, as
+    ``rotation.randomized_hadamard`` builds), else None."""
+    if rotation.shape[0] != 1:
+        return None
+    D = rotation.shape[-1]
+    if D & (D - 1):
+        return None
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < D:
+        h = np.block([[h, h], [h, -h]])
+    row = rotation[0, :, 0]  # s / √D (H's first column is ones)
+    return np.ascontiguousarray(row) if np.allclose(rotation[0], row[:, None] * h, atol=1e-6) else None
+
+
+def _build_dense_tables(codec: PreRopeCodec) -> Optional[DenseTables]:
+    dense = lambda a: None if a is None else np.ascontiguousarray(np.array(a.astype(mx.float32)))
+    inner = codec.inner
+    pairs = np.ascontiguousarray(codec.rope.pairs.astype(np.int32))
+    rotation = dense(getattr(inner, "rotation", None))
+    if rotation is None or rotation.shape[-1] > MAX_D:
+        return None
+    rotation = rotation.reshape(-1, *rotation.shape[-2:])
+    rowscale = hadamard_signs(rotation)
+    if rowscale is not None:
+        rotation = None
+    if type(inner) is ScalarCodec and inner.levels.shape[-1] <= 256:
+        H, D = inner.scale.shape
+        return DenseTables(0, dense(inner.levels * inner.scale[..., None]), _layout_array(inner.layout, inner.bits, H, D),
+                           rotation, rowscale, None, None, dense(inner.mean), pairs)
+    if type(inner) is RaBitQCodec:
+        H, C, D = inner.centroids.shape
+        signs = np.broadcast_to(np.array([-1.0, 1.0]) / np.sqrt(D), (H, D, 2)).astype(np.float32)
+        colscale = None if inner.scale is None else 1.0 / dense(inner.scale)
+        return DenseTables(0, np.ascontiguousarray(signs), _layout_array(sign_layout(D), np.ones((1, D)), H, D),
+                           rotation, rowscale, np.ascontiguousarray(dense(inner.centroids).transpose(0, 2, 1)),
+                           colscale, None, pairs)
+    if type(inner) is ProductCodec and inner.codebooks.shape[2] <= 256:
+        books = np.ascontiguousarray(dense(inner.codebooks).transpose(0, 1, 3, 2))  # [H, M, dsub, K]
+        return DenseTables(1, books, None, rotation, rowscale, None, dense(inner.smooth), None, pairs)
+    return None
 
 
 def coded_partial(q_key: tuple, kv: CompressedKV):
     """The coded tokens' partial for ``reference.attend``: the key codec's query basis (one query
     token: ScalarCodec's (q_rot, q_mean), PreRopeCodec's (q @ R, q, offset), q_rot [B, Hkv, R, D])
     -> (m, l [B, Hkv, R, 1], acc [B, Hkv, R, D])."""
-    (kw, kn), (vw, vn) = kv.keys, kv.values
-    vt = tables(kv.value_codec)
-    q_rot = q_key[0].astype(mx.float32)
-    B, H, R, D = q_rot.shape
-    N, n = kn.shape[2], kv.n_coded
-    rope = type(kv.key_codec) is PreRopeCodec
-    if rope:
-        offset = q_key[2]
-        cs = cos_sin_table(kv.key_codec.rope, offset + n)
-        inputs = [q_rot, kw, kn, vw, vn, vt.levels, cs]
-    else:
-        q_mean = q_key[1]
-        kt = tables(kv.key_codec)
-        inputs = [q_rot, kw, kn, vw, vn, vt.levels, kt.levels] + ([] if q_mean is None else [q_mean.astype(mx.float32)])
+    kc, vt = kv.key_codec, tables(kv.value_codec)
+    rope = type(kc) is PreRopeCodec
+    B, H, R, D = q_key[0].shape
+    N, n = kv.values[1].shape[2], kv.n_coded
+    offset = q_key[2] if rope else 0
+    key_levels = [] if rope else [tables(kc).levels]
+    q_mean = None if rope or q_key[1] is None else q_key[1].astype(mx.float32)
+    inputs = [q_key[0].astype(mx.float32), *kv.keys, *kv.values, vt.levels, *key_levels]
+    inputs += [] if q_mean is None else [q_mean]
     mx.eval(inputs)
     # the arrays' own memory (row-contiguous, evaluated): no copies
-    q_np, kw_np, kn_np, vw_np, vn_np, vl_np, extra = (np.ascontiguousarray(a) for a in inputs[:7])
+    q_np, *arrays = (np.ascontiguousarray(a) for a in inputs)
+    nk = len(kv.keys)
+    keys, (vw, vn, vl), rest = arrays[:nk], arrays[nk:nk + 3], arrays[nk + 3:]
+    keys = [k.view(np.uint16) if k.dtype == np.float16 else k for k in keys]  # fp16 as its bits
     work = np.empty((B, H, R * n + R * D * TILE), np.float32)
     m, l, acc = np.empty((B, H, R, 1), np.float32), np.empty((B, H, R, 1), np.float32), np.empty((B, H, R, D), np.float32)
-    out = [_pointer(work), _pointer(m), _pointer(l), _pointer(acc)]
-    kn_p, vn_p = _pointer(kn_np.view(np.uint16)), _pointer(vn_np.view(np.uint16))
-    if rope and type(kv.key_codec.inner) is CommVQCodec:
-        ct = commvq_tables(kv.key_codec)
-        inner = kv.key_codec.inner
+    P = _pointer
+    common = [P(q_np)] + [P(k) for k in keys] + [P(vw), P(vn.view(np.uint16))]
+    out = [P(vl), P(work), P(m), P(l), P(acc)]
+    if rope and type(kc.inner) is not CommVQCodec:
+        cs_t = laid_out_cos_sin(kc.rope, offset + n + TILE)
+    if rope and type(kc.inner) is CommVQCodec:
+        ct = commvq_tables(kc)
+        cs_l = laid_out_cos_sin(kc.rope, offset + n, ct.perm)
         library().velox_cpu_partial_commvq(
-            B, H, R, D, N, n, inner.groups, inner.codebooks.shape[1], vt.bits, offset, _pointer(q_np), _pointer(kw_np),
-            kn_p, _pointer(vw_np), vn_p, _pointer(ct.u), _pointer(ct.v), _pointer(ct.inv_perm), _pointer(ct.inv_scale),
-            _pointer(extra), _pointer(ct.pairs), _pointer(vl_np), *out)
-    elif rope:
-        rt = rope_tables(kv.key_codec)
+            B, H, R, D, N, n, kc.inner.groups, kc.inner.codebooks.shape[1], vt.bits, offset, *common,
+            P(ct.u), P(ct.v), P(ct.perm), P(ct.inv_scale), P(cs_l), *out)
+    elif rope and _pair_basis(kc):
+        rt = rope_tables(kc)
         library().velox_cpu_partial_rope(
-            B, H, R, D, N, n, rt.levels.shape[-1], kw_np.shape[-1], vt.bits, offset, _pointer(q_np), _pointer(kw_np),
-            kn_p, _pointer(vw_np), vn_p, _pointer(rt.levels), _pointer(rt.layout), _pointer(rt.mean), _pointer(extra),
-            _pointer(rt.pairs), _pointer(vl_np), *out)
+            B, H, R, D, N, n, rt.levels.shape[-1], keys[0].shape[-1], vt.bits, offset, *common,
+            P(rt.levels), P(rt.layout), P(rt.mean), P(cs_t), cs_t.shape[1], P(rt.pairs), *out)
+    elif rope:
+        dt = dense_tables(kc)
+        opt = lambda a: None if a is None else P(a)
+        norms = keys[-1] if keys[-1].dtype == np.uint16 else None
+        ids = keys[1] if dt.centroids is not None else None
+        K, wk, dsub = ((dt.klev.shape[3], dt.klev.shape[1], dt.klev.shape[2]) if dt.kind else
+                       (dt.klev.shape[-1], keys[0].shape[-1], 1))
+        library().velox_cpu_partial_dense(
+            B, H, R, D, N, n, dt.kind, K, wk, dsub, 0 if ids is None else dt.centroids.shape[2],
+            int(dt.rotation is not None and dt.rotation.shape[0] > 1), vt.bits, offset, P(q_np), P(keys[0]),
+            opt(norms), opt(ids), P(vw), P(vn.view(np.uint16)), P(dt.klev), opt(dt.layout), opt(dt.rotation),
+            opt(dt.rowscale), opt(dt.centroids), opt(dt.colscale), opt(dt.offset), P(cs_t), cs_t.shape[1], P(dt.pairs),
+            *out)
     else:
-        qm_np = None if len(inputs) == 7 else np.ascontiguousarray(inputs[7])
+        kw, kn = keys
         library().velox_cpu_partial(
-            B, H, R, D, N, n, kt.bits, vt.bits, _pointer(q_np), None if qm_np is None else _pointer(qm_np),
-            _pointer(kw_np), kn_p, _pointer(vw_np), vn_p, _pointer(extra), _pointer(vl_np), *out)
+            B, H, R, D, N, n, tables(kc).bits, vt.bits, P(q_np), None if q_mean is None else P(rest[1]),
+            P(kw), P(kn), P(vw), P(vn.view(np.uint16)), P(rest[0]), *out)
     return mx.array(m), mx.array(l), mx.array(acc)
 
 

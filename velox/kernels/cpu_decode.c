@@ -269,24 +269,19 @@ void velox_cpu_partial(int B, int H, int R, int D, int N, int n, int kb, int vb,
     }
 }
 
-/* cst[d][t] = rope_cs[first + t][d] for the tile's tn tokens (row first + 0 repeated after them). */
-static inline void tile_cos_sin(const float* rope_cs, int first, int tn, int D, float* cst) {
-    for (int t = 0; t < TT; t++) {
-        const float* cs = rope_cs + (size_t)(first + (t < tn ? t : 0)) * D;
-        for (int d = 0; d < D; d++) cst[d * TT + t] = cs[d];
-    }
-}
-
-/* Turn the tile's pre-RoPE keys x [D][TT] by RoPE (cst as tile_cos_sin gives it; pair (a, b):
- * x_a·c − x_b·s, x_a·s + x_b·c) and score them: s[r][t0 + t] = q_r · x_t for t < tn. */
-static inline void rope_tile_scores(float* x, const float* cst, const int32_t* pairs, int D, int R,
-                                    const float* qh, float* s, int n, int t0, int tn) {
+/* Turn the tile's pre-RoPE keys x [D][TT] by RoPE and score them: rope_cs_t [D, rows] holds, per
+ * dim, m·cos (a pair's first) or m·sin (its second) at every position, so the tile's factors are
+ * TT consecutive floats at column first = offset + t0 (rows ≥ first + TT). Pair (a, b):
+ * x_a·c − x_b·s, x_a·s + x_b·c; then s[r][t0 + t] = q_r · x_t for t < tn. */
+static inline void rope_tile_scores(float* x, const float* rope_cs_t, size_t rows, int first,
+                                    const int32_t* pairs, int D, int R, const float* qh, float* s, int n, int t0,
+                                    int tn) {
     float y[TT];
     for (int j = 0; j < D / 2; j++) {
         float* xa = x + pairs[2 * j] * TT;
         float* xb = x + pairs[2 * j + 1] * TT;
-        const float* c = cst + pairs[2 * j] * TT;
-        const float* sn = cst + pairs[2 * j + 1] * TT;
+        const float* c = rope_cs_t + pairs[2 * j] * rows + first;
+        const float* sn = rope_cs_t + pairs[2 * j + 1] * rows + first;
 #pragma omp simd
         for (int t = 0; t < TT; t++) {
             const float a = xa[t], b = xb[t];
@@ -304,14 +299,14 @@ static inline void rope_tile_scores(float* x, const float* cst, const int32_t* p
  * the query is rotated into it once: per tile, x[d][t] = levels[d][code] · norm_t + mean[d]
  * (levels times the codec's scale, mean in its basis; codes of any widths ≤ 8 at the layout's
  * word and shift, possibly straddling two words), then each pair (a, b) is turned by RoPE at the
- * token's position: rope_cs[p][a] = m·cos, rope_cs[p][b] = m·sin, read off the rope module.
+ * token's position: rope_cs_t[a][p] = m·cos, rope_cs_t[b][p] = m·sin, read off the rope module.
  *   klev [H, D, K]; klayout [H, D, 3] (word, shift, bits); kmean [H, D]; pairs [D/2, 2];
- *   rope_cs [≥ offset + n, D]; offset: position of coded token 0; wk: words per key.
+ *   rope_cs_t [D, rows], rows ≥ offset + n + TT; offset: position of coded token 0; wk: words per key.
  * Other arguments and the outputs as velox_cpu_partial's. */
 void velox_cpu_partial_rope(int B, int H, int R, int D, int N, int n, int K, int wk, int vb, int offset,
                             const float* q, const uint32_t* kw, const uint16_t* kn, const uint32_t* vw,
                             const uint16_t* vn, const float* klev, const int32_t* klayout, const float* kmean,
-                            const float* rope_cs, const int32_t* pairs, const float* vlev,
+                            const float* rope_cs_t, int rows, const int32_t* pairs, const float* vlev,
                             float* work, float* m_out, float* l_out, float* acc) {
 #pragma omp parallel for schedule(static)
     for (int bh = 0; bh < B * H; bh++) {
@@ -322,7 +317,7 @@ void velox_cpu_partial_rope(int B, int H, int R, int D, int N, int n, int K, int
         const float* mean = kmean + (size_t)h * D;
         float* s = work + (size_t)bh * ((size_t)R * n + (size_t)R * D * TT);
         uint32_t wt[MAX_D * 8 / 32 * TT];
-        float x[MAX_D * TT], cst[MAX_D * TT], norm[TT];
+        float x[MAX_D * TT], norm[TT];
         for (int t0 = 0; t0 < n; t0 += TT) {
             const int tn = n - t0 < TT ? n - t0 : TT;
             const uint32_t* words = kw + ((size_t)bh * N + t0) * wk;
@@ -331,7 +326,6 @@ void velox_cpu_partial_rope(int B, int H, int R, int D, int N, int n, int K, int
             for (int w = 0; w < wk; w++)
                 for (int t = 0; t < TT; t++) wt[w * TT + t] = t < tn ? words[(size_t)t * wk + w] : 0u;
             for (int t = 0; t < TT; t++) norm[t] = t < tn ? half_to_float(kn[(size_t)bh * N + t0 + t]) : 0.f;
-            tile_cos_sin(rope_cs, offset + t0, tn, D, cst);
             for (int d = 0; d < D; d++) {
                 const int w = lay[3 * d], shift = lay[3 * d + 1], bits = lay[3 * d + 2];
                 const uint32_t mask = (1u << bits) - 1u;
@@ -348,56 +342,212 @@ void velox_cpu_partial_rope(int B, int H, int R, int D, int N, int n, int K, int
                     for (int t = 0; t < TT; t++) xd[t] = lv[(lo[t] >> shift) & mask] * norm[t] + md;
                 }
             }
-            rope_tile_scores(x, cst, pairs, D, R, qh, s, n, t0, tn);
+            rope_tile_scores(x, rope_cs_t, (size_t)rows, offset + t0, pairs, D, R, qh, s, n, t0, tn);
         }
         softmax_and_values(R, D, N, n, vb, (size_t)bh, s, s + (size_t)R * n, vw, vn,
                            vlev + (size_t)h * D * (1 << vb), m_out, l_out, acc + (size_t)bh * R * D);
     }
 }
 
-/* commvq's keys (velox.methods.commvq): per token, head and group g, S one-byte codes (A, B) =
- * (code >> 4, code & 15) add up U[g][s][A] + V[g][s][B] over the group's Dg dims in its
- * [re | im] layout; model dim d reads y[inv_perm[d]] · norm / scale[d] (pre-RoPE), then RoPE
- * and the scores as velox_cpu_partial_rope.
- *   kc [B, H, N, G·S] uint8; book_u, book_v [H·G, S, 16, Dg]; inv_perm [D]; inv_scale [H, D]. */
+/* commvq's keys (velox.methods.commvq), scored in the groups' layout, where each group of Dg dims
+ * is [firsts | seconds] of its P = Dg/2 RoPE pairs: per token, head and group g, S one-byte codes
+ * (A, B) = (code >> 4, code & 15) add up U[g][s][A] + V[g][s][B]; times 1/scale (laid out), turned
+ * by RoPE at the token's position (cs_l: the cos/sin table laid out, so a pair's cos and sin sit
+ * P apart), scored against the query laid out, times the norm. Layout order keeps every inner loop
+ * contiguous: no per-key gather back to the model's dims.
+ *   kc [B, H, N, G·S] uint8; book_u, book_v [H·G, S, 16, Dg]; perm [D]: layout -> model dim;
+ *   inv_scale_l [H, D] (layout order); cs_l [≥ offset + n, D] (layout order). */
 void velox_cpu_partial_commvq(int B, int H, int R, int D, int N, int n, int G, int S, int vb, int offset,
                               const float* q, const uint8_t* kc, const uint16_t* kn, const uint32_t* vw,
-                              const uint16_t* vn, const float* book_u, const float* book_v, const int32_t* inv_perm,
-                              const float* inv_scale, const float* rope_cs, const int32_t* pairs, const float* vlev,
+                              const uint16_t* vn, const float* book_u, const float* book_v, const int32_t* perm,
+                              const float* inv_scale_l, const float* cs_l, const float* vlev,
                               float* work, float* m_out, float* l_out, float* acc) {
-    const int Dg = D / G, GS = G * S;
+    const int Dg = D / G, P = Dg / 2, GS = G * S;
 #pragma omp parallel for schedule(static)
     for (int bh = 0; bh < B * H; bh++) {
         const int h = bh % H;
         const float* qh = q + (size_t)bh * R * D;
-        const float* isc = inv_scale + (size_t)h * D;
+        const float* isc = inv_scale_l + (size_t)h * D;
         float* s = work + (size_t)bh * ((size_t)R * n + (size_t)R * D * TT);
-        float x[MAX_D * TT], cst[MAX_D * TT], yv[MAX_D];
-        for (int t0 = 0; t0 < n; t0 += TT) {
-            const int tn = n - t0 < TT ? n - t0 : TT;
-            for (int t = 0; t < TT; t++) {
-                if (t >= tn) {
-                    for (int d = 0; d < D; d++) x[d * TT + t] = 0.f;
-                    continue;
-                }
-                const uint8_t* code = kc + ((size_t)bh * N + t0 + t) * GS;
-                const float norm = half_to_float(kn[(size_t)bh * N + t0 + t]);
-                for (int g = 0; g < G; g++) {
-                    float* yg = yv + g * Dg;
-                    for (int e = 0; e < Dg; e++) yg[e] = 0.f;
-                    for (int st = 0; st < S; st++) {
-                        const uint8_t c = code[g * S + st];
-                        const size_t base = (((size_t)(h * G + g) * S + st) * 16) * Dg;
-                        const float* u = book_u + base + (size_t)(c >> 4) * Dg;
-                        const float* v = book_v + base + (size_t)(c & 15) * Dg;
+        float* ql = s + (size_t)R * n;  /* the query laid out, in the value lanes' scratch (free until then) */
+        float y[MAX_D], x[MAX_D];
+        for (int r = 0; r < R; r++)
+            for (int k = 0; k < D; k++) ql[(size_t)r * D + k] = qh[(size_t)r * D + perm[k]];
+        for (int t = 0; t < n; t++) {
+            const uint8_t* code = kc + ((size_t)bh * N + t) * GS;
+            const float norm = half_to_float(kn[(size_t)bh * N + t]);
+            const float* cs = cs_l + (size_t)(offset + t) * D;
+            for (int g = 0; g < G; g++) {
+                float* yg = y + g * Dg;
+                for (int st = 0; st < S; st++) {
+                    const uint8_t c = code[g * S + st];
+                    const size_t base = (((size_t)(h * G + g) * S + st) * 16) * Dg;
+                    const float* u = book_u + base + (size_t)(c >> 4) * Dg;
+                    const float* v = book_v + base + (size_t)(c & 15) * Dg;
+                    if (st == 0) {
+#pragma omp simd
+                        for (int e = 0; e < Dg; e++) yg[e] = u[e] + v[e];
+                    } else {
 #pragma omp simd
                         for (int e = 0; e < Dg; e++) yg[e] += u[e] + v[e];
                     }
                 }
-                for (int d = 0; d < D; d++) x[d * TT + t] = yv[inv_perm[d]] * norm * isc[d];
+                const float* ig = isc + g * Dg;
+                const float* cg = cs + g * Dg;
+                float* xg = x + g * Dg;
+#pragma omp simd
+                for (int i = 0; i < P; i++) {
+                    const float a = yg[i] * ig[i], b = yg[P + i] * ig[P + i];
+                    xg[i] = a * cg[i] - b * cg[P + i];
+                    xg[P + i] = a * cg[P + i] + b * cg[i];
+                }
             }
-            tile_cos_sin(rope_cs, offset + t0, tn, D, cst);
-            rope_tile_scores(x, cst, pairs, D, R, qh, s, n, t0, tn);
+            for (int r = 0; r < R; r++) {
+                const float* qr = ql + (size_t)r * D;
+                float dot = 0.f;
+#pragma omp simd reduction(+:dot)
+                for (int k = 0; k < D; k++) dot += qr[k] * x[k];
+                s[(size_t)r * n + t] = dot * norm;
+            }
+        }
+        softmax_and_values(R, D, N, n, vb, (size_t)bh, s, s + (size_t)R * n, vw, vn,
+                           vlev + (size_t)h * D * (1 << vb), m_out, l_out, acc + (size_t)bh * R * D);
+    }
+}
+
+/* x [D][TT] = M · y [D][TT] (M [D, D] row-major: x_j = Σ_i M[j][i]·y_i), eight rows of M at a
+ * time so each y row loaded feeds eight FMAs (with AVX-512 a tile row is one register). */
+static inline void tile_transform(const float* M, const float* y, int D, float* x) {
+    int j = 0;
+#if defined(__AVX512F__)
+    for (; j + 8 <= D; j += 8) {
+        __m512 a[8];
+        for (int k = 0; k < 8; k++) a[k] = _mm512_setzero_ps();
+        const float* m = M + (size_t)j * D;
+        for (int i = 0; i < D; i++) {
+            const __m512 yi = _mm512_loadu_ps(y + i * TT);
+            for (int k = 0; k < 8; k++) a[k] = _mm512_fmadd_ps(_mm512_set1_ps(m[(size_t)k * D + i]), yi, a[k]);
+        }
+        for (int k = 0; k < 8; k++) _mm512_storeu_ps(x + (j + k) * TT, a[k]);
+    }
+#endif
+    for (; j < D; j++) {
+        float acc[TT] = {0};
+        for (int i = 0; i < D; i++)
+#pragma omp simd
+            for (int t = 0; t < TT; t++) acc[t] += M[(size_t)j * D + i] * y[i * TT + t];
+        for (int t = 0; t < TT; t++) x[j * TT + t] = acc[t];
+    }
+}
+
+/* x [D][TT] = H · y (H: the Sylvester Hadamard matrix, unnormalised; D a power of two): D·log D
+ * additions per key instead of D² multiply-adds. */
+static inline void tile_hadamard(const float* y, int D, float* x) {
+    for (int i = 0; i < D * TT; i++) x[i] = y[i];
+    for (int len = 1; len < D; len <<= 1)
+        for (int i = 0; i < D; i += 2 * len)
+            for (int j = i; j < i + len; j++) {
+                float* a = x + j * TT;
+                float* b = x + (j + len) * TT;
+#pragma omp simd
+                for (int t = 0; t < TT; t++) {
+                    const float u = a[t], v = b[t];
+                    a[t] = u + v;
+                    b[t] = u - v;
+                }
+            }
+}
+
+/* Pre-RoPE keys in a basis that mixes RoPE pairs (spectral's full eigenbasis, vecinfer's and
+ * rabitq's rotations): a tile's coordinates y [D][TT] are looked up from the codes, turned back to
+ * the model's pre-RoPE dims (the basis does not commute with RoPE, so the query cannot be moved
+ * into it once): x = M·y (dense, D² per key) or, for a randomized Hadamard rotation, x = H·y
+ * (D·log D) with its signs and 1/√D in rowscale; then per token and dim
+ *   x[d][t] = (x[d][t] · rowscale[d] · norm_t + cent[id_t][d]) · colscale[d] + offset[d],
+ * turned by RoPE and scored as in velox_cpu_partial_rope. Lookups (tables transposed so the loops
+ * over a tile's tokens vectorise as gathers):
+ *   kind 0: codes of per-dim widths at klayout's (word, shift, bits) into klev [H, D, K]
+ *           (spectral: levels × scale; rabitq: ±1/√D signs, K = 2); kw uint32 [B, H, N, wk];
+ *   kind 1: product VQ, wk one-byte codes per key over sub-vectors of dsub dims into
+ *           klev [H, wk, dsub, K] (vecinfer's codebooks, transposed); kw uint8 [B, H, N, wk].
+ *   kn [B, H, N] fp16 per-token factor or NULL (1); kid [B, H, N] uint8 centroid ids into
+ *   cent_t [H, D, C] (transposed), or NULL; rot [H or 1, D, D] (rot_per_head 0: shared), or NULL
+ *   for the Hadamard; rowscale [D] or NULL; colscale, offset [H, D] or NULL. Other arguments and
+ *   the outputs as velox_cpu_partial_rope's. */
+void velox_cpu_partial_dense(int B, int H, int R, int D, int N, int n, int kind, int K, int wk, int dsub, int C,
+                             int rot_per_head, int vb, int offset, const float* q, const void* kw,
+                             const uint16_t* kn, const uint8_t* kid, const uint32_t* vw, const uint16_t* vn,
+                             const float* klev, const int32_t* klayout, const float* rot, const float* rowscale,
+                             const float* cent_t, const float* colscale, const float* koffset,
+                             const float* rope_cs_t, int rows, const int32_t* pairs, const float* vlev,
+                             float* work, float* m_out, float* l_out, float* acc) {
+#pragma omp parallel for schedule(static)
+    for (int bh = 0; bh < B * H; bh++) {
+        const int h = bh % H;
+        const float* qh = q + (size_t)bh * R * D;
+        const float* M = rot ? rot + (rot_per_head ? (size_t)h * D * D : 0) : NULL;
+        const float* sc_h = colscale ? colscale + (size_t)h * D : NULL;
+        const float* off_h = koffset ? koffset + (size_t)h * D : NULL;
+        float* s = work + (size_t)bh * ((size_t)R * n + (size_t)R * D * TT);
+        uint32_t wt[MAX_D * 8 / 32 * TT];
+        float y[MAX_D * TT], x[MAX_D * TT], norm[TT];
+        int ids[TT], ct[MAX_D * TT];
+        for (int t0 = 0; t0 < n; t0 += TT) {
+            const int tn = n - t0 < TT ? n - t0 : TT;
+            const size_t row = (size_t)bh * N + t0;
+            for (int t = 0; t < TT; t++) {
+                norm[t] = t >= tn ? 0.f : kn ? half_to_float(kn[row + t]) : 1.f;
+                ids[t] = t < tn && kid ? kid[row + t] : 0;
+            }
+            if (kind == 0) {
+                const uint32_t* words = (const uint32_t*)kw + row * wk;
+                const float* kl = klev + (size_t)h * D * K;
+                const int32_t* lay = klayout + (size_t)h * D * 3;
+                for (int w = 0; w < wk; w++)
+                    for (int t = 0; t < TT; t++) wt[w * TT + t] = t < tn ? words[(size_t)t * wk + w] : 0u;
+                for (int d = 0; d < D; d++) {
+                    const int w = lay[3 * d], shift = lay[3 * d + 1], bits = lay[3 * d + 2];
+                    const uint32_t mask = (1u << bits) - 1u;
+                    const uint32_t* lo = wt + w * TT;
+                    const float* lv = kl + (size_t)d * K;
+                    float* yd = y + d * TT;
+                    if (shift + bits > 32) {
+                        const uint32_t* hi = lo + TT;
+#pragma omp simd
+                        for (int t = 0; t < TT; t++) yd[t] = lv[((lo[t] >> shift) | (hi[t] << (32 - shift))) & mask];
+                    } else {
+#pragma omp simd
+                        for (int t = 0; t < TT; t++) yd[t] = lv[(lo[t] >> shift) & mask];
+                    }
+                }
+            } else {
+                const uint8_t* codes = (const uint8_t*)kw + row * wk;
+                for (int m = 0; m < wk; m++)
+                    for (int t = 0; t < TT; t++) ct[m * TT + t] = t < tn ? codes[(size_t)t * wk + m] : 0;
+                for (int m = 0; m < wk; m++)
+                    for (int e = 0; e < dsub; e++) {
+                        const float* lv = klev + (((size_t)h * wk + m) * dsub + e) * K;
+                        const int* cm = ct + m * TT;
+                        float* yd = y + (m * dsub + e) * TT;
+#pragma omp simd
+                        for (int t = 0; t < TT; t++) yd[t] = lv[cm[t]];
+                    }
+            }
+            if (M) tile_transform(M, y, D, x);
+            else tile_hadamard(y, D, x);
+            for (int d = 0; d < D; d++) {
+                const float sc = sc_h ? sc_h[d] : 1.f, of = off_h ? off_h[d] : 0.f, rs = rowscale ? rowscale[d] : 1.f;
+                float* xd = x + d * TT;
+                if (kid) {
+                    const float* cd = cent_t + ((size_t)h * D + d) * C;
+#pragma omp simd
+                    for (int t = 0; t < TT; t++) xd[t] = (xd[t] * rs * norm[t] + cd[ids[t]]) * sc + of;
+                } else {
+#pragma omp simd
+                    for (int t = 0; t < TT; t++) xd[t] = xd[t] * rs * norm[t] * sc + of;
+                }
+            }
+            rope_tile_scores(x, rope_cs_t, (size_t)rows, offset + t0, pairs, D, R, qh, s, n, t0, tn);
         }
         softmax_and_values(R, D, N, n, vb, (size_t)bh, s, s + (size_t)R * n, vw, vn,
                            vlev + (size_t)h * D * (1 << vb), m_out, l_out, acc + (size_t)bh * R * D);

@@ -142,7 +142,7 @@ KEYS: dict[type, KeyOps] = {
     RVQCodec: KeyOps(turboquant_rvq.query_basis, turboquant_rvq.key_scores),
     QJLCodec: KeyOps(qjl.query_basis, qjl.key_scores),
     ProdCodec: KeyOps(turboquant_prod.query_basis, turboquant_prod.key_scores),
-    PreRopeCodec: KeyOps(rope.query_basis, rope.key_scores, rope.commutes_with_rope),
+    PreRopeCodec: KeyOps(rope.query_basis, rope.key_scores),
     HeadGroupCodec: KeyOps(partial(ratequant.query_basis, inner=query_basis),
                            partial(ratequant.key_scores, inner=key_scores)),
 }

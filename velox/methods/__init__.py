@@ -40,4 +40,15 @@ def get_method(name: str) -> ModuleType:
         ) from None
 
 
-__all__ = ["METHODS", "get_method", "LayerActivations", "LayerSpec"]
+__all__ = ["METHODS", "get_method", "parse_method_options", "LayerActivations", "LayerSpec"]
+
+
+def parse_method_options(item: str) -> tuple[str, dict]:
+    """'spectral[basis=pairs]' -> ('spectral', {'basis': 'pairs'}): a method name with options of
+    its ``calibrate`` (``;``-separated, numbers as ints), as the benchmark scripts take them."""
+    name, _, rest = item.partition("[")
+    options = {}
+    for kv in filter(None, rest.rstrip("]").split(";")):
+        k, _, v = kv.partition("=")
+        options[k] = int(v) if v.lstrip("-").isdigit() else v
+    return name, options
