@@ -169,3 +169,21 @@ def test_commvq_attends_from_codes(dispatcher):
 @pytest.mark.parametrize("bits,hq", [(2, 4), (1, 2), (4, 8)])
 def test_cpu_kernel_matches_the_reference_for_commvq(bits, hq):
     check_cpu_kernel(commvq_codecs(bits, hq), hq)
+
+
+def test_hadamard_rotations_are_detected_and_others_go_dense():
+    """vecinfer's and rabitq's seeded rotation is diag(s)·H/√D (the kernel's fast transform); any
+    other rotation takes the dense D×D path, which must give the same partial."""
+    from dataclasses import replace
+
+    from velox.kernels import cpu
+    from velox.methods.rotation import randomized_hadamard
+
+    R = np.array(randomized_hadamard(64, 5))
+    assert np.allclose(cpu.hadamard_signs(R[None]), R[:, 0])
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((64, 64)))
+    assert cpu.hadamard_signs(q[None].astype(np.float32)) is None
+    keys, values = dense_codecs("vecinfer", 2, 4)
+    dense = replace(keys, inner=replace(keys.inner, rotation=mx.array(q.astype(np.float32))))
+    assert cpu.dense_tables(dense).rotation is not None and cpu.dense_tables(keys).rotation is None
+    check_cpu_kernel((dense, values), 4)

@@ -295,6 +295,21 @@ def folder_pairs(smollm2_path, tmp_path_factory):
     return out
 
 
+def decode_64(folder, method: str, eval_tokens, fast: bool, forced: bool) -> list[int]:
+    """A 2048-token prompt of the evaluation text, then 64 decode steps: the argmax of each step,
+    fed back (greedy) or, forced, the text's own next token fed instead."""
+    model, _ = velox.load(str(folder), kv=method, fast=fast)
+    model.set_dtype(mx.float32)
+    cache = model.make_cache()
+    logits = model(mx.array(eval_tokens[None, :2048]), cache=cache)
+    tokens = []
+    for i in range(64):
+        tokens.append(mx.argmax(logits[0, -1]).item())
+        logits = model(mx.array([[int(eval_tokens[2048 + i]) if forced else tokens[-1]]]), cache=cache)
+    assert all(c.codes_only == fast for c in cache if isinstance(c, VeloxKVCache))
+    return tokens
+
+
 @pytest.mark.parametrize("which,method", [("folder4", "turboquant_mse"), ("folder_pairs", "spectral"),
                                           ("folder_vq", "commvq")])
 def test_fast_path_greedy_tokens_match_decoding_the_history(request, eval_tokens, which, method):
@@ -302,18 +317,21 @@ def test_fast_path_greedy_tokens_match_decoding_the_history(request, eval_tokens
     then 64 greedy decode steps, attending from the codes (the CPU kernel here) or decoding the
     whole history every step: the same tokens."""
     folder = request.getfixturevalue(which)
-    prompt = mx.array(eval_tokens[None, :2048])
-    runs = {}
-    for fast in (True, False):
-        model, _ = velox.load(str(folder), kv=method, fast=fast)
-        model.set_dtype(mx.float32)
-        cache = model.make_cache()
-        logits = model(prompt, cache=cache)
-        tokens = []
-        for _ in range(64):
-            tok = mx.argmax(logits[:, -1], axis=-1)
-            tokens.append(tok.item())
-            logits = model(tok[:, None], cache=cache)
-        assert all(c.codes_only == fast for c in cache if isinstance(c, VeloxKVCache))
-        runs[fast] = tokens
-    assert runs[True] == runs[False]
+    assert decode_64(folder, method, eval_tokens, True, False) == decode_64(folder, method, eval_tokens, False, False)
+
+
+# measured: 64/64 and 56/64
+LOW_BIT_MIN_AGREEMENT = {"vecinfer": 61, "rabitq": 53}
+
+
+@pytest.mark.parametrize("method", sorted(LOW_BIT_MIN_AGREEMENT))
+def test_low_bit_fast_path_agrees_with_decoding_the_history(folder_vq, eval_tokens, method):
+    """vecinfer's 2-bit and rabitq's 1-bit keys: the two paths' float differences (sums in another
+    order) flip a few codes of the tokens coded after them (a 1-bit code flips with the sign of a
+    near-zero coordinate), so free-running greedy runs part at a near-tie (measured: step 49 for
+    vecinfer, 38 for rabitq; top-2 margins down to 0.01). Fed the text's own next tokens instead,
+    the argmax agrees at most of 64 steps."""
+    runs = [decode_64(folder_vq, method, eval_tokens, fast, True) for fast in (True, False)]
+    agree = sum(a == b for a, b in zip(*runs))
+    print(f"\n{method}: fast and decode paths agree at {agree}/64 teacher-forced steps")
+    assert agree >= LOW_BIT_MIN_AGREEMENT[method]

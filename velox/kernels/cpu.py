@@ -1,4 +1,11 @@
-"""Decode attention from ScalarCodec codes on the CPU: ``cpu_decode.c``, compiled on first use.
+"""Decode attention from the codes on the CPU: ``cpu_decode.c``, compiled on first use.
+
+One C function per key layout, all sharing the softmax and the ScalarCodec value sums:
+``velox_cpu_partial`` (ScalarCodec keys: turboquant_mse), ``velox_cpu_partial_rope`` (pre-RoPE
+keys in a basis of 2×2 turns within RoPE pairs: spectral's pair basis, O(D) per key),
+``velox_cpu_partial_commvq`` (commvq's RoPE-commuting codebooks) and ``velox_cpu_partial_dense``
+(pre-RoPE keys in a basis that mixes pairs: spectral's full eigenbasis as a D×D matrix per tile
+of keys, vecinfer's and rabitq's randomized Hadamard as a fast transform).
 
 MLX's CPU backend runs no custom kernels, and its gathers cost ~8–11 ns per code (docs/BENCHMARKS.md,
 session 6): turning 4-bit codes into levels in mx ops takes longer than float32 SDPA's whole

@@ -295,6 +295,33 @@ static inline void rope_tile_scores(float* x, const float* rope_cs_t, size_t row
     }
 }
 
+/* A tile's codes of per-dim widths (≤ 8 bits, at klayout's word and shift, possibly straddling two
+ * words) looked up: x[d][t] = lv[d][code] · norm[t] (+ mean[d] unless mean is NULL), for the tn
+ * keys of words [tn, wk]. The words are transposed first ([w][t]) so the loops run over the
+ * tile's tokens, which the compiler vectorises (gathers from lv). */
+static inline void tile_layout_levels(const uint32_t* words, int wk, int tn, const int32_t* lay, const float* kl,
+                                      int K, int D, const float* norm, const float* mean, float* x) {
+    uint32_t wt[MAX_D * 8 / 32 * TT];
+    for (int w = 0; w < wk; w++)
+        for (int t = 0; t < TT; t++) wt[w * TT + t] = t < tn ? words[(size_t)t * wk + w] : 0u;
+    for (int d = 0; d < D; d++) {
+        const int w = lay[3 * d], shift = lay[3 * d + 1], bits = lay[3 * d + 2];
+        const uint32_t mask = (1u << bits) - 1u;
+        const uint32_t* lo = wt + w * TT;
+        const float* lv = kl + (size_t)d * K;
+        const float md = mean ? mean[d] : 0.f;
+        float* xd = x + d * TT;
+        if (shift + bits > 32) {  /* the code continues into the next word */
+            const uint32_t* hi = lo + TT;
+#pragma omp simd
+            for (int t = 0; t < TT; t++) xd[t] = lv[((lo[t] >> shift) | (hi[t] << (32 - shift))) & mask] * norm[t] + md;
+        } else {
+#pragma omp simd
+            for (int t = 0; t < TT; t++) xd[t] = lv[(lo[t] >> shift) & mask] * norm[t] + md;
+        }
+    }
+}
+
 /* Pre-RoPE keys coded in a basis that turns only within RoPE's pairs (velox.methods.rope), so
  * the query is rotated into it once: per tile, x[d][t] = levels[d][code] · norm_t + mean[d]
  * (levels times the codec's scale, mean in its basis; codes of any widths ≤ 8 at the layout's
@@ -316,32 +343,11 @@ void velox_cpu_partial_rope(int B, int H, int R, int D, int N, int n, int K, int
         const int32_t* lay = klayout + (size_t)h * D * 3;
         const float* mean = kmean + (size_t)h * D;
         float* s = work + (size_t)bh * ((size_t)R * n + (size_t)R * D * TT);
-        uint32_t wt[MAX_D * 8 / 32 * TT];
         float x[MAX_D * TT], norm[TT];
         for (int t0 = 0; t0 < n; t0 += TT) {
             const int tn = n - t0 < TT ? n - t0 : TT;
-            const uint32_t* words = kw + ((size_t)bh * N + t0) * wk;
-            /* the tile's words and RoPE factors transposed ([w][t], [d][t]): the loops below run
-             * over the tile's tokens, which the compiler vectorises */
-            for (int w = 0; w < wk; w++)
-                for (int t = 0; t < TT; t++) wt[w * TT + t] = t < tn ? words[(size_t)t * wk + w] : 0u;
             for (int t = 0; t < TT; t++) norm[t] = t < tn ? half_to_float(kn[(size_t)bh * N + t0 + t]) : 0.f;
-            for (int d = 0; d < D; d++) {
-                const int w = lay[3 * d], shift = lay[3 * d + 1], bits = lay[3 * d + 2];
-                const uint32_t mask = (1u << bits) - 1u;
-                const uint32_t* lo = wt + w * TT;
-                const float* lv = kl + (size_t)d * K;
-                const float md = mean[d];
-                float* xd = x + d * TT;
-                if (shift + bits > 32) {  /* the code continues into the next word */
-                    const uint32_t* hi = lo + TT;
-#pragma omp simd
-                    for (int t = 0; t < TT; t++) xd[t] = lv[((lo[t] >> shift) | (hi[t] << (32 - shift))) & mask] * norm[t] + md;
-                } else {
-#pragma omp simd
-                    for (int t = 0; t < TT; t++) xd[t] = lv[(lo[t] >> shift) & mask] * norm[t] + md;
-                }
-            }
+            tile_layout_levels(kw + ((size_t)bh * N + t0) * wk, wk, tn, lay, kl, K, D, norm, mean, x);
             rope_tile_scores(x, rope_cs_t, (size_t)rows, offset + t0, pairs, D, R, qh, s, n, t0, tn);
         }
         softmax_and_values(R, D, N, n, vb, (size_t)bh, s, s + (size_t)R * n, vw, vn,
@@ -489,7 +495,6 @@ void velox_cpu_partial_dense(int B, int H, int R, int D, int N, int n, int kind,
         const float* sc_h = colscale ? colscale + (size_t)h * D : NULL;
         const float* off_h = koffset ? koffset + (size_t)h * D : NULL;
         float* s = work + (size_t)bh * ((size_t)R * n + (size_t)R * D * TT);
-        uint32_t wt[MAX_D * 8 / 32 * TT];
         float y[MAX_D * TT], x[MAX_D * TT], norm[TT];
         int ids[TT], ct[MAX_D * TT];
         for (int t0 = 0; t0 < n; t0 += TT) {
@@ -499,27 +504,9 @@ void velox_cpu_partial_dense(int B, int H, int R, int D, int N, int n, int kind,
                 norm[t] = t >= tn ? 0.f : kn ? half_to_float(kn[row + t]) : 1.f;
                 ids[t] = t < tn && kid ? kid[row + t] : 0;
             }
-            if (kind == 0) {
-                const uint32_t* words = (const uint32_t*)kw + row * wk;
-                const float* kl = klev + (size_t)h * D * K;
-                const int32_t* lay = klayout + (size_t)h * D * 3;
-                for (int w = 0; w < wk; w++)
-                    for (int t = 0; t < TT; t++) wt[w * TT + t] = t < tn ? words[(size_t)t * wk + w] : 0u;
-                for (int d = 0; d < D; d++) {
-                    const int w = lay[3 * d], shift = lay[3 * d + 1], bits = lay[3 * d + 2];
-                    const uint32_t mask = (1u << bits) - 1u;
-                    const uint32_t* lo = wt + w * TT;
-                    const float* lv = kl + (size_t)d * K;
-                    float* yd = y + d * TT;
-                    if (shift + bits > 32) {
-                        const uint32_t* hi = lo + TT;
-#pragma omp simd
-                        for (int t = 0; t < TT; t++) yd[t] = lv[((lo[t] >> shift) | (hi[t] << (32 - shift))) & mask];
-                    } else {
-#pragma omp simd
-                        for (int t = 0; t < TT; t++) yd[t] = lv[(lo[t] >> shift) & mask];
-                    }
-                }
+            if (kind == 0) {  /* the per-token factor now: the transform below is linear */
+                tile_layout_levels((const uint32_t*)kw + row * wk, wk, tn, klayout + (size_t)h * D * 3,
+                                   klev + (size_t)h * D * K, K, D, norm, NULL, y);
             } else {
                 const uint8_t* codes = (const uint8_t*)kw + row * wk;
                 for (int m = 0; m < wk; m++)
@@ -530,7 +517,7 @@ void velox_cpu_partial_dense(int B, int H, int R, int D, int N, int n, int kind,
                         const int* cm = ct + m * TT;
                         float* yd = y + (m * dsub + e) * TT;
 #pragma omp simd
-                        for (int t = 0; t < TT; t++) yd[t] = lv[cm[t]];
+                        for (int t = 0; t < TT; t++) yd[t] = lv[cm[t]] * norm[t];
                     }
             }
             if (M) tile_transform(M, y, D, x);
@@ -541,10 +528,10 @@ void velox_cpu_partial_dense(int B, int H, int R, int D, int N, int n, int kind,
                 if (kid) {
                     const float* cd = cent_t + ((size_t)h * D + d) * C;
 #pragma omp simd
-                    for (int t = 0; t < TT; t++) xd[t] = (xd[t] * rs * norm[t] + cd[ids[t]]) * sc + of;
+                    for (int t = 0; t < TT; t++) xd[t] = (xd[t] * rs + cd[ids[t]]) * sc + of;
                 } else {
 #pragma omp simd
-                    for (int t = 0; t < TT; t++) xd[t] = xd[t] * rs * norm[t] * sc + of;
+                    for (int t = 0; t < TT; t++) xd[t] = xd[t] * rs * sc + of;
                 }
             }
             rope_tile_scores(x, rope_cs_t, (size_t)rows, offset + t0, pairs, D, R, qh, s, n, t0, tn);
