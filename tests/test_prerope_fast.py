@@ -31,11 +31,16 @@ def random_acts(hkv: int, hq: int, d: int) -> LayerActivations:
                             queries=rng.standard_normal((512, hq, d)).astype(np.float32))
 
 
+def make_rope(kind: str, dims: int):
+    """One of ROPES over ``dims`` rotated dims."""
+    cfg = ROPES[kind]
+    return initialize_rope(dims, cfg["base"], cfg["traditional"], cfg["scaling_config"], 4096)
+
+
 def calibrated(hkv: int, d: int, rope_kind: str, bits, basis: str = "pairs", partial: float = 1.0):
     """spectral (key codec, value codec) calibrated on random anisotropic keys; bits an int, or
     per-head key widths (RateQuant, values 4 bits)."""
-    cfg = ROPES[rope_kind]
-    rope = initialize_rope(int(d * partial), cfg["base"], cfg["traditional"], cfg["scaling_config"], 4096)
+    rope = make_rope(rope_kind, int(d * partial))
     acts = random_acts(hkv, hkv * 2, d)
     if isinstance(bits, int):
         spec = LayerSpec(0, hkv, d, bits, 4, rope=rope)
@@ -88,20 +93,17 @@ def test_partial_rotary_and_ratequant_widths(dispatcher):
     check(calibrated(3, 64, "yarn", [2, 4, 3]), 9, 3, 64, window=4)
 
 
-def dense_codecs(method: str, bits: int, hq: int, rope_kind: str = "default") -> tuple:
-    """(key codec, value codec) of a method whose pre-RoPE key basis mixes RoPE pairs (spectral's
-    full eigenbasis, vecinfer, rabitq), for 2 KV heads of 64, calibrated on random keys."""
-    from velox.methods import rabitq, vecinfer
+def method_codecs(method: str, bits: int, hq: int, rope_kind: str = "default") -> tuple:
+    """(key codec, value codec) of a calibrated method (spectral's full basis, vecinfer, rabitq,
+    commvq) for 2 KV heads of 64, calibrated on random keys."""
+    from velox.methods import commvq, rabitq, vecinfer
 
     if method == "spectral":
         return calibrated(2, 64, rope_kind, bits, basis="full")
-    cfg = ROPES[rope_kind]
-    spec = LayerSpec(0, 2, 64, bits, 4, rope=initialize_rope(64, cfg["base"], cfg["traditional"],
-                                                             cfg["scaling_config"], 4096))
-    module = {"vecinfer": vecinfer, "rabitq": rabitq}[method]
-    tensors = rabitq.calibrate(random_acts(2, hq, 64), spec, nlist=8) if method == "rabitq" else \
-        module.calibrate(random_acts(2, hq, 64), spec)
-    return module.make_codecs(tensors, spec)
+    spec = LayerSpec(0, 2, 64, bits, 4, rope=make_rope(rope_kind, 64))
+    module = {"vecinfer": vecinfer, "rabitq": rabitq, "commvq": commvq}[method]
+    options = {"nlist": 8} if method == "rabitq" else {}
+    return module.make_codecs(module.calibrate(random_acts(2, hq, 64), spec, **options), spec)
 
 
 DENSE = [("spectral", 4, "default"), ("spectral", 3, "yarn"), ("vecinfer", 2, "traditional"), ("vecinfer", 1, "default"),
@@ -112,7 +114,7 @@ DENSE = [("spectral", 4, "default"), ("spectral", 3, "yarn"), ("vecinfer", 2, "t
 def test_dense_bases_attend_from_codes(method, bits, rope_kind, dispatcher):
     """Bases that mix RoPE pairs decode a block of keys at a time (D² per key, as the decode path,
     but never the whole history): same attention as SDPA over the decoded history."""
-    codecs = dense_codecs(method, bits, 4, rope_kind)
+    codecs = method_codecs(method, bits, 4, rope_kind)
     assert kernels.supports(*codecs)
     check(codecs, 4, 2, 64, sink=2, window=6, with_sinks=True)
 
@@ -120,7 +122,7 @@ def test_dense_bases_attend_from_codes(method, bits, rope_kind, dispatcher):
 @pytest.mark.parametrize("method,bits,rope_kind", DENSE)
 @pytest.mark.parametrize("hq", [2, 8])
 def test_cpu_dense_kernel_matches_the_reference(method, bits, rope_kind, hq):
-    check_cpu_kernel(dense_codecs(method, bits, hq, rope_kind), hq)
+    check_cpu_kernel(method_codecs(method, bits, hq, rope_kind), hq)
 
 
 @pytest.mark.parametrize("rope_kind,bits,hq", [("default", 4, 6), ("traditional", 3, 2), ("yarn", 2, 8),
@@ -129,14 +131,6 @@ def test_cpu_kernel_matches_the_reference(rope_kind, bits, hq):
     """The C kernel's partial over pre-RoPE pair-basis codes (variable widths, straddling words,
     positions after a sink) equals the mx reference's, on MLX's CPU backend."""
     check_cpu_kernel(calibrated(2, 64, rope_kind, bits), hq)
-
-
-def commvq_codecs(bits: int, hq: int) -> tuple:
-    """commvq (key codec, value codec) for 2 KV heads of 64, calibrated on random keys."""
-    from velox.methods import commvq
-
-    spec = LayerSpec(0, 2, 64, bits, 4, rope=initialize_rope(64, 10000.0, False, None, 4096))
-    return commvq.make_codecs(commvq.calibrate(random_acts(2, hq, 64), spec), spec)
 
 
 def check_cpu_kernel(codecs: tuple, hq: int) -> None:
@@ -161,14 +155,14 @@ def check_cpu_kernel(codecs: tuple, hq: int) -> None:
 def test_commvq_attends_from_codes(dispatcher):
     """commvq's codebooks commute with RoPE: its blocks of keys decode, turn and score without
     the history being decoded, sinks and window included."""
-    codecs = commvq_codecs(2, 4)
+    codecs = method_codecs("commvq", 2, 4)
     assert kernels.supports(*codecs)
     check(codecs, 4, 2, 64, sink=2, window=6, with_sinks=True)
 
 
 @pytest.mark.parametrize("bits,hq", [(2, 4), (1, 2), (4, 8)])
 def test_cpu_kernel_matches_the_reference_for_commvq(bits, hq):
-    check_cpu_kernel(commvq_codecs(bits, hq), hq)
+    check_cpu_kernel(method_codecs("commvq", bits, hq), hq)
 
 
 def test_hadamard_rotations_are_detected_and_others_go_dense():
@@ -183,7 +177,7 @@ def test_hadamard_rotations_are_detected_and_others_go_dense():
     assert np.allclose(cpu.hadamard_signs(R[None]), R[:, 0])
     q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((64, 64)))
     assert cpu.hadamard_signs(q[None].astype(np.float32)) is None
-    keys, values = dense_codecs("vecinfer", 2, 4)
+    keys, values = method_codecs("vecinfer", 2, 4)
     dense = replace(keys, inner=replace(keys.inner, rotation=mx.array(q.astype(np.float32))))
     assert cpu.dense_tables(dense).rotation is not None and cpu.dense_tables(keys).rotation is None
     check_cpu_kernel((dense, values), 4)

@@ -93,8 +93,6 @@ def attention_path(key_codec, value_codec) -> str:
     kernel reads the codes), "mx reference" (mx ops read the codes) or "decoded history"."""
     if not supports(key_codec, value_codec):
         return "decoded history"
-    from ..methods.rope import PreRopeCodec
-
     if backend() == "cpu":
         from . import cpu
 

@@ -173,12 +173,11 @@ def rope_tables(codec: PreRopeCodec) -> RopeTables:
 
 def _build_rope_tables(codec: PreRopeCodec) -> RopeTables:
     inner = codec.inner
-    layout = np.stack([np.array(a).astype(np.int32) for a in (inner.layout.word, inner.layout.shift)]
-                      + [inner.bits.astype(np.int32)], axis=-1)
+    H, D = inner.scale.shape
     mean = np.zeros(inner.scale.shape, np.float32) if inner.mean is None else np.array(
         (inner.mean[:, None, :] @ inner.rotation)[:, 0].astype(mx.float32))
     return RopeTables(levels=np.ascontiguousarray(np.array((inner.levels * inner.scale[..., None]).astype(mx.float32))),
-                      layout=np.ascontiguousarray(layout), mean=np.ascontiguousarray(mean),
+                      layout=_layout_array(inner.layout, inner.bits, H, D), mean=np.ascontiguousarray(mean),
                       pairs=np.ascontiguousarray(codec.rope.pairs.astype(np.int32)))
 
 
@@ -247,6 +246,7 @@ def dense_tables(codec: PreRopeCodec) -> Optional[DenseTables]:
 
 
 def _layout_array(layout, bits: np.ndarray, heads: int, D: int) -> np.ndarray:
+    """[heads, D, 3] int32: word, shift and width of each code (a PackLayout and its widths)."""
     parts = [np.broadcast_to(np.array(a).astype(np.int32), (heads, D)) for a in (layout.word, layout.shift)]
     return np.ascontiguousarray(np.stack(parts + [np.broadcast_to(bits.astype(np.int32), (heads, D))], axis=-1))
 
